@@ -1,0 +1,123 @@
+"""Sizes: bytes on disk, logical parameter counts, and where the bytes of a checkpoint go.
+
+The compression ratio we report is bytes of weights on disk, baseline over compressed, because that is
+what a user downloads and loads; tokenizer and config files are the same on both sides and only blur it.
+The breakdown reads safetensors headers only, so it costs nothing on a 70B checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from compress.core.errors import CompressError
+
+QUANTIZED = "quantized weights"
+QPARAMS = "scales/zeros"
+DENSE = "dense"
+
+_QPARAM_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+
+# safetensors header dtype names (get_dtype()) and torch spellings, to bytes per element.
+_DTYPE_BYTES: dict[str, float] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 0.5,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}  # fmt: skip
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """Weight files in a model folder; ``training_args.bin`` is a pickled config, not weights."""
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return [f for f in files if f.name != "training_args.bin"]
+
+
+def dir_size_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``) in a model folder.
+
+    Raises CompressError when there are none: a ratio against zero bytes would be a silent lie.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CompressError(f"{path} is not a directory")
+    files = _weight_files(path)
+    if not files:
+        raise CompressError(f"no weight files (*.safetensors, *.bin) in {path}")
+    return sum(f.stat().st_size for f in files)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Logical parameters: what the uncompressed model had, so counts compare across methods.
+
+    A module carrying a ``weight_shape`` buffer (QuantLinear) counts out*in from it plus its bias, not
+    the packed storage; everything else counts the numel of its parameters. Tied parameters and shared
+    modules count once.
+    """
+    seen: set[int] = set()
+    total = 0
+    quantized: set[int] = set()
+    for module in model.modules():
+        shape = module._buffers.get("weight_shape")
+        if shape is not None:
+            quantized.add(id(module))
+            total += math.prod(int(d) for d in shape.flatten().tolist())
+            bias = getattr(module, "bias", None)
+            if bias is not None and id(bias) not in seen:
+                seen.add(id(bias))
+                total += bias.numel()
+            seen.update(id(p) for p in module.parameters(recurse=False))
+    for module in model.modules():
+        if id(module) in quantized:
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def _component(name: str) -> str:
+    if name.endswith("weight_packed"):
+        return QUANTIZED
+    if name.endswith(_QPARAM_SUFFIXES):
+        return QPARAMS
+    return DENSE
+
+
+def weights_bytes_by_component(tensors_meta: dict[str, tuple[str, list[int]]]) -> dict[str, int]:
+    """Bytes grouped into quantized weights, their scales/zeros, and everything left dense.
+
+    All three keys are always present so reports have a stable shape. Element sizes below a byte
+    (F4) are rounded up per tensor, as safetensors stores them.
+    """
+    out = {QUANTIZED: 0, QPARAMS: 0, DENSE: 0}
+    for name, (dtype, shape) in tensors_meta.items():
+        key = str(dtype).removeprefix("torch.")
+        if key not in _DTYPE_BYTES:
+            raise CompressError(f"tensor {name} has an unknown dtype {dtype!r}")
+        out[_component(name)] += math.ceil(math.prod(shape) * _DTYPE_BYTES[key])
+    return out
+
+
+def safetensors_header_meta(path: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """``{tensor_name: (dtype, shape)}`` for every ``*.safetensors`` file in a folder, from headers only."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        raise CompressError(f"no *.safetensors files in {path}")
+    meta: dict[str, tuple[str, list[int]]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for name in fh.keys():
+                    if name in meta:
+                        raise CompressError(f"tensor {name} appears in more than one shard of {path}")
+                    sl = fh.get_slice(name)
+                    meta[name] = (sl.get_dtype(), list(sl.get_shape()))
+        except SafetensorError as exc:
+            raise CompressError(f"{file} is not a readable safetensors file: {exc}") from exc
+    return meta
