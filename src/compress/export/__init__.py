@@ -1,0 +1,1 @@
+"""Writing and reading compressed checkpoints (compressed-tensors layout)."""

@@ -1,0 +1,3 @@
+"""Weight quantizers; each module registers itself in ``compress.passes.base.PASSES``."""
+
+from compress.passes.quantize import rtn  # noqa: F401

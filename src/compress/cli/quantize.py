@@ -1,0 +1,51 @@
+"""``compress quantize``: sugar for a one-stage quantization Recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from compress.cli.common import execute_recipe
+from compress.cli.errors import handle_errors
+
+
+@handle_errors
+def quantize(
+    model: str | None = typer.Argument(None, help="Local folder or hub id; omitted: the embedded demo model."),
+    method: str | None = typer.Option(None, help="Quantization method (default rtn)."),
+    bits: int | None = typer.Option(None, help="Weight bits: 2, 3, 4 or 8 (default 4)."),
+    group_size: int | None = typer.Option(None, help="Input columns per scale: 32, 64, 128, ... or -1 per channel."),
+    sym: bool | None = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric with zero points."),
+    dataset: str | None = typer.Option(None, help="Calibration data: built-in name, local file/folder or hub id."),
+    num_samples: int | None = typer.Option(None, help="Calibration samples (default 128)."),
+    seq_len: int | None = typer.Option(None, help="Tokens per calibration sample (default: context, max 2048)."),
+    ignore: list[str] | None = typer.Option(None, help="Layer name pattern to leave dense (repeatable)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    device: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    dtype: str | None = typer.Option(None, help="auto, float32, float16 or bfloat16."),
+    seed: int | None = typer.Option(None, help="Seed for calibration sampling."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Base recipe (file or built-in name); flags override it."),
+    eval_dataset: str | None = typer.Option(None, help="Held-out text for the eval of the export."),
+    eval_windows: int | None = typer.Option(None, help="Evaluate at most this many windows."),
+    do_eval: bool | None = typer.Option(None, "--eval/--no-eval", help="Evaluate the export (default on)."),
+    max_ppl_increase: float | None = typer.Option(None, help="Gate: fail (exit 3) above this relative increase."),
+    min_compression_ratio: float | None = typer.Option(None, help="Gate: fail (exit 3) below this size ratio."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
+    allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt pickled weights (loaded weights_only)."),
+    dry_run: bool = typer.Option(False, help="Print the resolved recipe and layers; load no weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Quantize MODEL's linear layers and write a compressed-tensors checkpoint."""
+    flags = {
+        "model": model, "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
+        "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "calibration.dataset": dataset,
+        "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.seed": seed,
+        "output": str(output) if output else None, "device": device, "dtype": dtype,
+        "eval.dataset": eval_dataset, "eval.max_windows": eval_windows, "eval.enabled": do_eval,
+        "eval.max_ppl_increase": max_ppl_increase, "eval.min_compression_ratio": min_compression_ratio,
+        "trust_remote_code": trust_remote_code or None, "allow_pickle": allow_pickle or None,
+    }
+    execute_recipe(recipe or "w4a16-rtn", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
+                   as_json=as_json)

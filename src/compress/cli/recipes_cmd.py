@@ -1,0 +1,36 @@
+"""``compress recipes list|show``: the built-in recipes."""
+
+from __future__ import annotations
+
+import typer
+
+from compress.cli._output import out, print_json
+from compress.cli.errors import handle_errors
+
+recipes_app = typer.Typer(help="Built-in recipes.", no_args_is_help=True)
+
+
+@recipes_app.command("list")
+@handle_errors
+def list_recipes(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """List the built-in recipe names with their first comment line."""
+    from compress.recipes.loader import preset_names, preset_text
+
+    entries = {}
+    for name in preset_names():
+        first = preset_text(name).splitlines()[0]
+        entries[name] = first.lstrip("# ").strip() if first.startswith("#") else ""
+    if as_json:
+        print_json({"recipes": entries})
+        return
+    for name, summary in entries.items():
+        out.print(f"[bold]{name}[/bold]  {summary}")
+
+
+@recipes_app.command("show")
+@handle_errors
+def show_recipe(name: str = typer.Argument(..., help="A built-in recipe name.")) -> None:
+    """Print a built-in recipe's YAML (copy it to start your own)."""
+    from compress.recipes.loader import preset_text
+
+    out.print(preset_text(name), markup=False, highlight=False, end="")

@@ -1,0 +1,136 @@
+"""Write a model whose targeted layers are ``QuantLinear`` as a compressed-tensors ``pack-quantized`` checkpoint.
+
+The model's state dict already holds the checkpoint's tensor names (``QuantLinear`` buffers are named like
+the format), so writing is: collect tensors, shard them, describe the schemes in ``config.json``. Tensors
+are written in sorted name order with fixed metadata so that the same model gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from compress.core.scheme import QuantScheme
+from compress.kernels.quant_linear import QuantLinear
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every persistent tensor once: tied parameters keep their first name, Conv1D-born dense layers go back
+    to the Conv1D layout the architecture's own loader expects."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    from_conv1d = {
+        name for name, module in model.named_modules() if getattr(module, "_compress_from_conv1d", False)
+    }
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        module_name, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module_name in from_conv1d:
+            tensor = tensor.t()
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[Path]:
+    """Safetensors shards plus an index when there is more than one, as transformers writes them."""
+    shards = _shards(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        path = out_dir / WEIGHTS_NAME
+        save_file({n: tensors[n] for n in shards[0]}, str(path), metadata=metadata)
+        return [path]
+    paths: list[Path] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, names in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(out_dir / file_name), metadata=metadata)
+        paths.append(out_dir / file_name)
+        for n in names:
+            weight_map[n] = file_name
+            total += tensors[n].numel() * tensors[n].element_size()
+    index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index_doc, indent=2) + "\n")
+    paths.append(out_dir / INDEX_NAME)
+    return paths
+
+
+def quantization_config(model: nn.Module, all_linear_names: Iterable[str]) -> dict | None:
+    """The ``quantization_config`` block of FORMATS.md: one config group per distinct scheme.
+
+    A single scheme targets ``Linear`` and lists every other linear layer under ``ignore`` (what
+    llm-compressor writes); several schemes target their layers by exact ``re:`` names.
+    """
+    quantized = quantized_modules(model)
+    if not quantized:
+        return None
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for name, module in quantized.items():
+        by_scheme.setdefault(module.scheme, []).append(name)
+    ignore = sorted(set(all_linear_names) - set(quantized))
+    groups = {}
+    for index, (scheme, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0])):
+        has_g_idx = any(quantized[n].weight_g_idx is not None for n in names)
+        targets = ["Linear"] if len(by_scheme) == 1 else [f"re:^{_escape(n)}$" for n in names]
+        groups[f"group_{index}"] = {
+            "targets": targets,
+            "weights": scheme.to_compressed_tensors(actorder="group" if has_g_idx else None),
+            "input_activations": None,
+            "output_activations": None,
+        }
+    fmt = "pack-quantized"
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "global_compression_ratio": None,
+    }
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+def write_config(config, out_dir: Path, quant_config: dict | None) -> Path:
+    """config.json as the model's own config plus ``quantization_config``; keys sorted for stable bytes."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    data.pop("quantization_config", None)
+    data.pop("_name_or_path", None)
+    if quant_config is not None:
+        data["quantization_config"] = quant_config
+    path = out_dir / "config.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path

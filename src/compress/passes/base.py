@@ -1,0 +1,50 @@
+"""What a compression method is to the pipeline: a config class plus a per-layer solve.
+
+A pass sees ``nn.Linear`` modules and tensors, never an architecture. The pipeline (``compress.pipeline``)
+walks the blocks, feeds each targeted layer's statistics when the pass asks for calibration, and swaps in
+whatever module ``apply`` returns (a ``QuantLinear``, a pruned ``Linear``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from compress.core.registry import Registry
+
+
+class PassConfig(BaseModel):
+    """Base of every stage's config. Unknown keys are rejected so typos in recipes fail loudly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    ignore: list[str] = ["lm_head"]
+    """Module name patterns left untouched (glob, or ``re:`` regex as in compressed-tensors)."""
+
+
+class LayerPass(ABC):
+    """One method applied layer by layer. Subclasses set ``config_cls`` and implement ``apply``."""
+
+    config_cls: ClassVar[type[PassConfig]]
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig) -> None:
+        self.config = config
+
+    def check_layer(self, name: str, linear: nn.Linear) -> None:  # noqa: B027 (optional hook)
+        """Raise ``CompressError`` before any work if this layer cannot take the pass (e.g. group size)."""
+
+    @abstractmethod
+    def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
+        """Return the module that replaces ``linear`` (may be ``linear`` itself, modified)."""
+
+    def describe(self) -> str:
+        """A short tag for output names and summaries, e.g. ``w4g128``."""
+        return self.config.method
+
+
+PASSES: Registry[type[LayerPass]] = Registry("method")

@@ -1,0 +1,220 @@
+"""``compress.run``: the one path from a Recipe to an evaluated artifact.
+
+load model → calibration tokens → block sweep (passes) → export (temporary folder) → eval of the export
+→ manifest → rename into place. The CLI commands are thin wrappers that build a Recipe and call this.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from compress.calibrate.data import calibration_samples
+from compress.core.errors import CompressError, GateFailed
+from compress.evaluate.gates import check_gates
+from compress.evaluate.size import dir_size_bytes, parameter_count
+from compress.export.checkpoint import checkpoint_tensors, quantization_config, write_config, write_weights
+from compress.export.manifest import write_manifest
+from compress.models.blocks import find_blocks, find_linears, select_layers
+from compress.models.load import LoadedModel, load_model, resolve_model_source
+from compress.passes import PASSES, LayerPass
+from compress.pipeline.evaluation import context_length, evaluate_artifact
+from compress.pipeline.output_dir import staging_dir
+from compress.pipeline.sequential import check_layers, run_layerwise
+from compress.recipes.loader import dump_recipe
+from compress.recipes.schema import Recipe, parse_size
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    output: str
+    model: str
+    parameters: int
+    size_before_bytes: int
+    size_after_bytes: int
+    compression_ratio: float
+    timings: dict[str, float]
+    metrics: dict[str, Any]
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    layers: int = 0
+    calibration: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_passes(recipe: Recipe) -> list[LayerPass]:
+    return [PASSES.get(stage.method)(stage) for stage in recipe.stages]
+
+
+def scheme_tag(recipe: Recipe) -> str:
+    return "-".join(p.describe() for p in build_passes(recipe))
+
+
+def model_name(source: str) -> str:
+    from compress.models.load import DEMO_MODEL_DIR
+
+    if Path(source).resolve() == Path(DEMO_MODEL_DIR).resolve():
+        return "demo"
+    return Path(source.rstrip("/")).name or "model"
+
+
+def default_output(recipe: Recipe) -> Path:
+    if recipe.output:
+        return Path(recipe.output)
+    source = resolve_model_source(recipe.model)
+    return Path("compressed") / f"{model_name(source)}-{scheme_tag(recipe)}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda was asked for but no CUDA device is available")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+
+
+def plan(recipe: Recipe, model: torch.nn.Module) -> list[tuple[LayerPass, list[str]]]:
+    return [(p, select_layers(model, ignore=p.config.ignore)) for p in build_passes(recipe)]
+
+
+def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = False,
+        progress: Progress | None = None, log: Log | None = None) -> RunResult:
+    """Run ``recipe`` and write the artifact to ``out_dir`` (default: ``recipe.output`` or
+    ``./compressed/<model>-<scheme>``)."""
+    say = log or (lambda message: None)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    target = Path(out_dir) if out_dir is not None else default_output(recipe)
+    device = resolve_device(recipe.device)
+    source = resolve_model_source(recipe.model)
+
+    with staging_dir(target, overwrite) as staging:
+        tick = time.perf_counter()
+        loaded = load_model(source, dtype=recipe.dtype, device="cpu",
+                            trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
+        model = loaded.model
+        timings["load_s"] = time.perf_counter() - tick
+        parameters = parameter_count(model)
+        all_linears = list(find_linears(model))
+        block_path, blocks = find_blocks(model)
+        layer_plan = plan(recipe, model)
+        check_layers(model, layer_plan)
+
+        tick = time.perf_counter()
+        calibration = _calibrate(recipe, loaded, say)
+        timings["calibration_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        with torch.inference_mode():
+            results = run_layerwise(model, block_path, blocks, layer_plan, device=device, progress=progress)
+        timings["compress_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        _export(model, loaded, staging, recipe, all_linears, results)
+        timings["export_s"] = time.perf_counter() - tick
+        del model, loaded
+
+        tick = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        if recipe.eval.enabled:
+            metrics = evaluate_artifact(staging, baseline=source, config=recipe.eval, recipe=recipe,
+                                        progress=progress)
+        timings["eval_s"] = time.perf_counter() - tick
+
+        size_before = _source_size(source)
+        size_after = dir_size_bytes(staging)
+        ratio = size_before / size_after if size_after else 0.0
+        metrics["compression_ratio"] = ratio
+        gates = check_gates(metrics, max_ppl_increase=recipe.eval.max_ppl_increase,
+                            min_compression_ratio=recipe.eval.min_compression_ratio,
+                            min_cosine=recipe.eval.min_cosine)
+        report = {
+            "source_model": _display_source(source),
+            "parameters": parameters,
+            "size_before_bytes": size_before,
+            "size_after_bytes": size_after,
+            "layers": [asdict(r) for r in results],
+            "eval": metrics,
+            "gates": [asdict(g) for g in gates],
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_manifest(staging, source_model=_display_source(source), recipe=recipe.model_dump(mode="json"),
+                       calibration=calibration, evaluation=metrics or None)
+    timings["total_s"] = time.perf_counter() - start
+    result = RunResult(
+        output=str(target), model=_display_source(source), parameters=parameters,
+        size_before_bytes=size_before, size_after_bytes=size_after, compression_ratio=ratio,
+        timings=timings, metrics=metrics, gates=[asdict(g) for g in gates], layers=len(results),
+        calibration=calibration,
+    )
+    failed = [g.message for g in gates if not g.passed]
+    if failed:
+        raise GateFailed("; ".join(failed), report=result.to_dict())
+    return result
+
+
+def _display_source(source: str) -> str:
+    from compress.models.load import DEMO_MODEL_DIR
+
+    return "demo (embedded)" if Path(source).resolve() == Path(DEMO_MODEL_DIR).resolve() else source
+
+
+def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log) -> dict[str, Any]:
+    """Calibration tokens: always built (and fingerprinted) so bad data fails the same way for every method."""
+    cal = recipe.calibration
+    seq_len = cal.seq_len or min(2048, context_length(loaded.model.config))
+    samples = calibration_samples(loaded.tokenizer, cal.dataset, cal.num_samples, seq_len, seed=cal.seed)
+    if samples.overlapping:
+        say(f"calibration: {cal.dataset} has {samples.total_tokens:,} tokens, fewer than the "
+            f"{cal.num_samples * seq_len:,} of {cal.num_samples} samples x {seq_len}; samples overlap")
+    return {"dataset": cal.dataset, "num_samples": cal.num_samples, "seq_len": seq_len, "seed": cal.seed,
+            "tokens": int(samples.input_ids.numel()), "fingerprint": samples.fingerprint}
+
+
+def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linears, results) -> None:
+    tensors = checkpoint_tensors(model)
+    write_weights(tensors, staging, parse_size(recipe.export.max_shard_size))
+    write_config(model.config, staging, quantization_config(model, all_linears))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and loaded.kind == "causal-lm":
+        generation.save_pretrained(str(staging))
+    loaded.tokenizer.save_pretrained(str(staging))
+    (staging / "recipe.yaml").write_text(dump_recipe(recipe))
+
+
+def _source_size(source: str) -> int:
+    path = Path(source)
+    if path.is_dir():
+        return dir_size_bytes(path)
+    return 0
+
+
+def dry_run(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe and the layers it would touch, from the config alone (no weights loaded)."""
+    from compress.models.blocks import plan_layers
+    from compress.models.load import load_config
+
+    source = resolve_model_source(recipe.model)
+    config = load_config(source, trust_remote_code=recipe.trust_remote_code)
+    stages = []
+    for layer_pass in build_passes(recipe):
+        layers = plan_layers(config, ignore=layer_pass.config.ignore)
+        for name, in_features, _ in layers:
+            layer_pass.config.scheme.check_layer(name, in_features) if hasattr(layer_pass.config, "scheme") else None
+        stages.append({"method": layer_pass.config.method, "scheme": layer_pass.describe(),
+                       "layers": [{"name": n, "in_features": i, "out_features": o} for n, i, o in layers]})
+    return {"recipe": yaml.safe_load(dump_recipe(recipe)), "model": _display_source(source),
+            "output": str(default_output(recipe)), "stages": stages}

@@ -1,0 +1,96 @@
+"""The Recipe: the one description of a job. CLI flags and YAML files both end up here.
+
+Stages are validated by the config class of the method they name (a pydantic discriminated union built
+from the pass registry), so a new method needs no change to this file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compress.passes import PASSES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(_Strict):
+    """Where calibration tokens come from and how many."""
+
+    dataset: str = "demo-calib"
+    num_samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int | None = Field(None, ge=8, le=131_072)
+    """``None``: the model's context length, capped at 2048."""
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    """How the exported artifact is evaluated, and the gates that fail the run."""
+
+    enabled: bool = True
+    dataset: str = "demo-heldout"
+    seq_len: int | None = Field(None, ge=8, le=131_072)
+    max_windows: int | None = Field(None, ge=1)
+    max_ppl_increase: float | None = Field(None, ge=0)
+    min_compression_ratio: float | None = Field(None, gt=0)
+    min_cosine: float | None = Field(None, ge=-1, le=1)
+
+
+class ExportConfig(_Strict):
+    format: Literal["compressed-tensors"] = "compressed-tensors"
+    max_shard_size: str = "5GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size_parses(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '1024' → bytes (decimal units, as transformers uses)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    cleaned = text.strip().upper()
+    for unit, factor in units.items():  # noqa: B007 (used after the break)
+        if cleaned.endswith(unit):
+            number = cleaned[: -len(unit)].strip()
+            break
+    else:
+        number, factor = cleaned, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size like '5GB' or '500MB'") from None
+    if value <= 0:
+        raise ValueError("size must be positive")
+    return int(value * factor)
+
+
+def _stage_union():
+    configs = tuple(PASSES.get(name).config_cls for name in PASSES.names())
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator="method")]  # noqa: UP007
+
+
+Stage = _stage_union()
+
+
+class Recipe(_Strict):
+    """A whole job: model → stages → export → eval."""
+
+    model: str | None = None
+    """Local folder or hub id; ``None`` is the embedded demo model."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    calibration: CalibrationConfig = CalibrationConfig()
+    stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
+    export: ExportConfig = ExportConfig()
+    eval: EvalConfig = EvalConfig()
+    output: str | None = None
+    """``None``: ``./compressed/<model-name>-<scheme>``."""
