@@ -102,7 +102,7 @@ def test_load_returns_packed_layers_matching_the_in_memory_quantization(w4_outpu
     from compress.models.load import load_tokenizer
 
     recipe = json.loads((out / "manifest.json").read_text())["recipe"]
-    windows = eval_windows(load_tokenizer(str(out)), recipe["eval"]["dataset"], 32)
+    windows = eval_windows(load_tokenizer(str(out)), recipe["eval"]["dataset"], payload["metrics"]["seq_len"])
     assert perplexity(model, windows).ppl == pytest.approx(payload["metrics"]["ppl"], rel=1e-5)
 
 

@@ -28,6 +28,8 @@ def test_minilm_embeddings_survive_quantization(bits, group_size, min_cosine, tm
     metrics = result.metrics
     assert metrics["kind"] == "encoder"
     assert metrics["texts"] == 64
+    print(f"W{bits} g{group_size}: cosine {metrics['cosine']:.5f} spearman {metrics['spearman']:.5f}")
     assert metrics["cosine"] >= min_cosine, metrics
     assert metrics["spearman"] > 0.9, metrics
-    assert result.size_after_bytes < result.size_before_bytes * (0.45 if bits == 8 else 0.3)
+    # the 11.7M-parameter word embedding stays fp32; the 10.6M linear parameters shrink 4x (W8) or 8x (W4)
+    assert result.size_after_bytes < result.size_before_bytes * (0.68 if bits == 8 else 0.62)

@@ -16,8 +16,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False)
+
+
+def quiet_libraries() -> None:
+    """Our progress bars replace the libraries' own (tqdm on stderr, 'Generating train split', ...)."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
 
 
 def log(message: str) -> None:
@@ -31,6 +48,7 @@ def info(message: str) -> None:
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[Any]:
     """Yield a ``progress(label, done, total)`` callback drawing one bar per label on stderr."""
+    quiet_libraries()
     if not enabled or not err.is_terminal:
         yield lambda label, done, total: None
         return

@@ -199,8 +199,6 @@ def _quant_layer(name: str, scheme: QuantScheme, tensors: dict[str, torch.Tensor
     if (packed.out_features, packed.in_features) != (original.out_features, original.in_features):
         raise CompressError(f"tensor {name}.weight_shape in {file} says {packed.out_features}x{packed.in_features}, "
                             f"but the config implies {original.out_features}x{original.in_features}")
-    for suffix in _SUFFIXES:
-        tensors.pop(f"{name}.{suffix}", None)
     bias = tensors.get(f"{name}.bias")
     if (bias is None) != (original.bias is None):
         raise CompressError(f"layer {name} in {file}: bias presence disagrees with the architecture")
