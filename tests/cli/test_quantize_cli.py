@@ -222,3 +222,19 @@ def test_recipes_list_and_show():
     assert shown.exit_code == 0 and "bits: 8" in shown.stdout
     missing = invoke(["recipes", "show", "nope"])
     assert missing.exit_code == 2 and "no built-in recipe" in missing.stderr
+
+
+def test_same_recipe_twice_gives_identical_bytes(llama_dir, corpus, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        result = invoke(quantize_args(llama_dir, corpus, out, "--asym", "--seed", "3"))
+        assert result.exit_code == 0, result.output
+    for name in ("model.safetensors", "config.json", "manifest.json", "report.json", "recipe.yaml"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_requantizing_a_compressed_checkpoint_is_refused(w4_output, corpus, tmp_path):
+    out, _ = w4_output
+    result = invoke(quantize_args(out, corpus, tmp_path / "again"))
+    assert result.exit_code == 2
+    assert "already a compressed checkpoint" in result.stderr

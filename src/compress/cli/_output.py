@@ -33,6 +33,9 @@ def quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - both are dependencies
         pass
 
@@ -48,7 +51,6 @@ def info(message: str) -> None:
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[Any]:
     """Yield a ``progress(label, done, total)`` callback drawing one bar per label on stderr."""
-    quiet_libraries()
     if not enabled or not err.is_terminal:
         yield lambda label, done, total: None
         return

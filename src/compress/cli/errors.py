@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from compress.cli._output import err, print_json
+from compress.cli._output import err, print_json, quiet_libraries
 from compress.core.errors import CompressError, GateFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,6 +24,7 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
+        quiet_libraries()
         try:
             return func(*args, **kwargs)
         except typer.Exit:

@@ -25,7 +25,7 @@ from compress.export.manifest import write_manifest
 from compress.models.blocks import find_blocks, find_linears, select_layers
 from compress.models.load import LoadedModel, load_model, resolve_model_source
 from compress.passes import PASSES, LayerPass
-from compress.pipeline.evaluation import context_length, evaluate_artifact
+from compress.pipeline.evaluation import context_length, evaluate_artifact, is_compressed
 from compress.pipeline.output_dir import staging_dir
 from compress.pipeline.sequential import check_layers, run_layerwise
 from compress.recipes.loader import dump_recipe
@@ -100,13 +100,18 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
     target = Path(out_dir) if out_dir is not None else default_output(recipe)
     device = resolve_device(recipe.device)
     source = resolve_model_source(recipe.model)
+    refuse_compressed(source)
 
     with staging_dir(target, overwrite) as staging:
         tick = time.perf_counter()
+        if progress is not None:
+            progress("load model", 0, 1)
         loaded = load_model(source, dtype=recipe.dtype, device="cpu",
                             trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
         model = loaded.model
         timings["load_s"] = time.perf_counter() - tick
+        if progress is not None:
+            progress("load model", 1, 1)
         parameters = parameter_count(model)
         all_linears = list(find_linears(model))
         block_path, blocks = find_blocks(model)
@@ -114,7 +119,7 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         check_layers(model, layer_plan)
 
         tick = time.perf_counter()
-        calibration = _calibrate(recipe, loaded, say)
+        calibration = _calibrate(recipe, loaded, say, progress)
         timings["calibration_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -151,7 +156,7 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
             "gates": [asdict(g) for g in gates],
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        write_manifest(staging, source_model=_display_source(source), recipe=recipe.model_dump(mode="json"),
+        write_manifest(staging, source_model=_display_source(source), recipe=_recorded(recipe).model_dump(mode="json"),
                        calibration=calibration, evaluation=metrics or None)
     timings["total_s"] = time.perf_counter() - start
     result = RunResult(
@@ -172,11 +177,17 @@ def _display_source(source: str) -> str:
     return "demo (embedded)" if Path(source).resolve() == Path(DEMO_MODEL_DIR).resolve() else source
 
 
-def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log) -> dict[str, Any]:
+def refuse_compressed(source: str) -> None:
+    if is_compressed(source):
+        raise CompressError(f"model {source} is already a compressed checkpoint; compress its original model instead")
+
+
+def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log, progress: Progress | None) -> dict[str, Any]:
     """Calibration tokens: always built (and fingerprinted) so bad data fails the same way for every method."""
     cal = recipe.calibration
     seq_len = cal.seq_len or min(2048, context_length(loaded.model.config))
-    samples = calibration_samples(loaded.tokenizer, cal.dataset, cal.num_samples, seq_len, seed=cal.seed)
+    samples = calibration_samples(loaded.tokenizer, cal.dataset, cal.num_samples, seq_len, seed=cal.seed,
+                                  progress=progress)
     if samples.overlapping:
         say(f"calibration: {cal.dataset} has {samples.total_tokens:,} tokens, fewer than the "
             f"{cal.num_samples * seq_len:,} of {cal.num_samples} samples x {seq_len}; samples overlap")
@@ -192,7 +203,13 @@ def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linea
     if generation is not None and loaded.kind == "causal-lm":
         generation.save_pretrained(str(staging))
     loaded.tokenizer.save_pretrained(str(staging))
-    (staging / "recipe.yaml").write_text(dump_recipe(recipe))
+    (staging / "recipe.yaml").write_text(dump_recipe(_recorded(recipe)))
+
+
+def _recorded(recipe: Recipe) -> Recipe:
+    """The recipe as stored in the artifact: how it was made, not where it was written (so the same job
+    gives the same bytes wherever its output goes)."""
+    return recipe.model_copy(update={"output": None})
 
 
 def _source_size(source: str) -> int:
@@ -208,6 +225,7 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     from compress.models.load import load_config
 
     source = resolve_model_source(recipe.model)
+    refuse_compressed(source)
     config = load_config(source, trust_remote_code=recipe.trust_remote_code)
     stages = []
     for layer_pass in build_passes(recipe):

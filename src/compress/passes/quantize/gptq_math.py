@@ -1,0 +1,177 @@
+"""The GPTQ column sweep (Frantar et al., 2022) as one pure function on tensors.
+
+Quantize the columns of ``W`` one at a time; after fixing column ``i``, spread its rounding error over
+the columns not yet quantized so that ``‖(W - Ŵ) X‖²`` stays minimal (the Optimal Brain Surgeon update,
+using the upper Cholesky factor ``U`` of ``H⁻¹`` from ``_obs``). Updates inside a block of
+``block_size`` columns are applied eagerly; the rest of the matrix receives one matmul per block
+("lazy batch" updates), which is what makes the sweep memory-bound rather than launch-bound.
+
+Groups and act-order (compressed-tensors' ``actorder`` vocabulary):
+
+- no act-order: groups are contiguous, ``group(i) = i // group_size``; ``g_idx`` is ``None``;
+- act-order, dynamic groups (compressed-tensors ``"group"``): columns are processed by descending
+  ``diag H`` and a group is ``group_size`` consecutive columns *of that order*, its scale computed
+  when its first column is reached. ``g_idx[j] = position_of(j) // group_size`` for each ORIGINAL
+  column ``j`` (llm-compressor's ``(arange // group_size)[invperm]``), always returned;
+- act-order with static groups (compressed-tensors ``"weight"``): every group's scale is computed up
+  front from the (dead-column-zeroed) weights in ORIGINAL contiguous groups, then columns are processed
+  in act order. ``g_idx`` would be ``arange(in) // group_size``, so it is omitted (``None``): readers
+  that default to the identity map need nothing, and ``result.actorder`` says which mode was used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from compress.core.errors import CompressError
+from compress.core.observers import OBSERVERS, choose_qparams
+from compress.core.primitives import dequantize, quantize
+from compress.core.scheme import QuantScheme
+from compress.passes._obs import act_order_permutation, inverse_hessian_factor, prepare_hessian
+
+
+@dataclass
+class GPTQResult:
+    """What the sweep produced; ``codes``/``weight``/``g_idx`` are in ORIGINAL column order."""
+
+    codes: Tensor
+    """Signed int8 ``[out, in]``: exactly ``primitives.quantize(weight, scale, zero_point, scheme, g_idx)``."""
+    scale: Tensor
+    """float32 ``[out, n_groups]``, already representable in the storage dtype (``scale_dtype``)."""
+    zero_point: Tensor
+    """int32 ``[out, n_groups]`` (zeros when symmetric)."""
+    g_idx: Tensor | None
+    """int32 ``[in]`` group of each original column; only with act-order and dynamic groups."""
+    weight: Tensor
+    """float32 ``[out, in]``: the dequantized result, ``dequantize(codes, scale, zero_point, ...)``."""
+    loss: float
+    """``½ Σ (w - q)² / U_ii²`` over all columns: the OBS estimate of ``‖(W - Ŵ)X‖² / n``."""
+    damp_used: float
+    """The relative damping that made the Cholesky succeed (``damp`` unless retries raised it)."""
+    actorder: str | None = None
+    """compressed-tensors ``actorder`` of the result: ``"group"``, ``"weight"`` or ``None``."""
+
+
+def _storable(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round a scale through its storage dtype (as ``pack_weight`` does) so codes use the stored value."""
+    stored = scale.to(dtype)
+    stored = torch.where(stored == 0, torch.full_like(stored, torch.finfo(dtype).tiny), stored)
+    return stored.float()
+
+
+def _fake_quant_column(w: Tensor, scale: Tensor, zp: Tensor, scheme: QuantScheme) -> Tensor:
+    """Quantize-dequantize one column ``[out]`` with the primitives' exact arithmetic."""
+    col = w.unsqueeze(1)
+    s, z = scale.unsqueeze(1), zp.unsqueeze(1)
+    return dequantize(quantize(col, s, z, scheme), s, z, scheme).squeeze(1)
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    observer: str = "minmax",
+    scale_dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] | None = None,
+) -> GPTQResult:
+    """Quantize ``weight`` ``[out, in]`` against the Hessian ``[in, in]`` of its inputs (``2/n Σ x xᵀ``).
+
+    ``scale_dtype`` is the dtype the scales will be stored in: each group's scale is rounded through it
+    before any column uses it, so the codes are the ones a reader holding the stored scale reproduces.
+    ``log`` receives a sentence whenever the damping had to be raised.
+    """
+    scheme.validate()
+    if block_size <= 0:
+        raise CompressError(f"block size must be positive, got {block_size}")
+    if observer not in OBSERVERS:
+        raise CompressError(f"unknown observer {observer!r}; use {' or '.join(OBSERVERS)}")
+    h, w, _dead = prepare_hessian(hessian, weight)
+    out_f, in_f = w.shape
+    gs = scheme.effective_group_size(in_f)
+    n_groups = scheme.n_groups(in_f)
+    importance = torch.diagonal(h).clone()
+
+    scale = torch.zeros(out_f, n_groups, dtype=torch.float32, device=w.device)
+    zp = torch.zeros(out_f, n_groups, dtype=torch.int32, device=w.device)
+    static = static_groups or scheme.per_channel  # one group: computing it first is the same thing
+    if static:
+        s, z = choose_qparams(w, scheme, observer=observer, importance=importance)
+        scale, zp = _storable(s, scale_dtype), z
+
+    perm = invperm = None
+    if act_order:
+        perm, invperm = act_order_permutation(h)
+        w, h, importance = w[:, perm], h[perm][:, perm], importance[perm]
+    # group of each processed position: original contiguous groups when static, else order of processing
+    if static and perm is not None:
+        group_of = perm // gs
+    else:
+        group_of = torch.arange(in_f, device=w.device) // gs
+
+    u, damp_used = inverse_hessian_factor(h, damp, log=log)
+    q_all = torch.zeros_like(w)
+    losses = torch.zeros(out_f, dtype=torch.float32, device=w.device)
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % gs == 0:
+                end = min(col + gs, in_f)
+                # current values of the group's columns: in-block ones are up to date in w1; those past
+                # the block have not yet received this block's pending update, so apply it here
+                parts = [w1[:, i : min(end, i2) - i1]]
+                if end > i2:
+                    parts.append(w[:, i2:end] - err1[:, :i] @ u[i1:col, i2:end])
+                current = torch.cat(parts, dim=1)
+                s, z = choose_qparams(
+                    current, scheme, observer=observer, importance=importance[col:end]
+                )
+                g = int(group_of[col])
+                scale[:, g], zp[:, g] = _storable(s[:, 0], scale_dtype), z[:, 0]
+            g = int(group_of[col])
+            wc = w1[:, i]
+            qc = _fake_quant_column(wc, scale[:, g], zp[:, g], scheme)
+            d = u1[i, i]
+            q_all[:, col] = qc
+            losses += (wc - qc).square() / d.square()
+            e = (wc - qc) / d
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    g_idx = None
+    actorder = None
+    if invperm is not None:
+        q_all = q_all[:, invperm]
+        if scheme.per_channel:
+            actorder = None  # one scale per row: the processing order leaves no trace in the layout
+        elif static:
+            actorder = "weight"
+        else:
+            actorder = "group"
+            g_idx = group_of[invperm].to(torch.int32)
+    codes = quantize(q_all, scale, zp, scheme, g_idx)
+    w_hat = dequantize(codes, scale, zp, scheme, g_idx)
+    return GPTQResult(
+        codes=codes,
+        scale=scale,
+        zero_point=zp,
+        g_idx=g_idx,
+        weight=w_hat,
+        loss=float(losses.sum()) / 2,
+        damp_used=damp_used,
+        actorder=actorder,
+    )
