@@ -119,12 +119,13 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         check_layers(model, layer_plan)
 
         tick = time.perf_counter()
-        calibration = _calibrate(recipe, loaded, say, progress)
+        calibration, calibration_ids = _calibrate(recipe, loaded, say, progress)
         timings["calibration_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         with torch.inference_mode():
-            results = run_layerwise(model, block_path, blocks, layer_plan, device=device, progress=progress)
+            results = run_layerwise(model, block_path, blocks, layer_plan, device=device,
+                                    input_ids=calibration_ids, progress=progress)
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -182,7 +183,8 @@ def refuse_compressed(source: str) -> None:
         raise CompressError(f"model {source} is already a compressed checkpoint; compress its original model instead")
 
 
-def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log, progress: Progress | None) -> dict[str, Any]:
+def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log,
+               progress: Progress | None) -> tuple[dict[str, Any], torch.Tensor]:
     """Calibration tokens: always built (and fingerprinted) so bad data fails the same way for every method."""
     cal = recipe.calibration
     seq_len = cal.seq_len or min(2048, context_length(loaded.model.config))
@@ -192,7 +194,7 @@ def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log, progress: Progress
         say(f"calibration: {cal.dataset} has {samples.total_tokens:,} tokens, fewer than the "
             f"{cal.num_samples * seq_len:,} of {cal.num_samples} samples x {seq_len}; samples overlap")
     return {"dataset": cal.dataset, "num_samples": cal.num_samples, "seq_len": seq_len, "seed": cal.seed,
-            "tokens": int(samples.input_ids.numel()), "fingerprint": samples.fingerprint}
+            "tokens": int(samples.input_ids.numel()), "fingerprint": samples.fingerprint}, samples.input_ids
 
 
 def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linears, results) -> None:

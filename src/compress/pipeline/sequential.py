@@ -1,8 +1,11 @@
 """The block sweep: the one loop every layer-wise method runs in.
 
-Blocks are visited in order; only the current block is moved to the compute device, so device memory is
-bounded by one block. Passes that need calibration statistics get them through ``stats_hook`` (the GPTQ
-issue adds the input capture and re-propagation); data-free passes such as RTN only need the walk.
+For each block, in order: move it to the compute device; for each pass, calibrate and compress its layers
+group by group in execution order ("true sequential": q/k/v, then o_proj, then gate/up, then down), each
+group's statistics collected on inputs produced by the already-compressed layers before it; then run the
+block once more to produce the next block's inputs, so every block is calibrated on what the compressed
+model will really feed it. Only the current block is on the device; captured activations live on the
+offload device (the CPU by default). Data-free passes (RTN) skip the forward passes entirely.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.calibrate.capture import BlockInput, block_output, capture_block_inputs
 from compress.core.errors import CompressError
 from compress.passes.base import LayerPass
 
@@ -55,37 +59,118 @@ def check_layers(model: nn.Module, plan: Sequence[tuple[LayerPass, list[str]]]) 
             layer_pass.check_layer(name, model.get_submodule(name))
 
 
+def _by_block(names: list[str], block_path: str) -> dict[int, list[str]]:
+    grouped: dict[int, list[str]] = {}
+    prefix = f"{block_path}."
+    for name in names:
+        if not name.startswith(prefix):
+            raise CompressError(f"layer {name} is outside the blocks at {block_path}")
+        grouped.setdefault(int(name[len(prefix):].split(".", 1)[0]), []).append(name)
+    return grouped
+
+
+def execution_groups(model: nn.Module, block: nn.Module, names: list[str], sample: BlockInput,
+                     device: torch.device) -> list[list[str]]:
+    """``names`` grouped by shared input, in the order the block calls them.
+
+    Layers fed the same tensor (q/k/v; gate/up) form one group, calibrated together; a later group sees
+    the outputs of earlier, already-compressed groups. Learned from one forward pass, so no per-family table.
+    """
+    order: list[str] = []
+    key_of: dict[str, tuple[int, tuple[int, ...]]] = {}
+    handles = []
+    for name in names:
+        def hook(module, inputs, output, name=name):
+            if name not in key_of:
+                x = inputs[0]
+                key_of[name] = (x.data_ptr(), tuple(x.shape))
+                order.append(name)
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        block_output(block, sample.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    keys: list[tuple[int, tuple[int, ...]]] = []
+    for name in order:
+        if keys and key_of[name] == keys[-1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+            keys.append(key_of[name])
+    missing = [n for n in names if n not in key_of]
+    if missing:  # never called during the forward (e.g. an unused branch): compress it last on no data
+        groups.append(missing)
+    return groups
+
+
+def _calibrate_group(model: nn.Module, block: nn.Module, layer_pass: LayerPass, group: list[str],
+                     inputs: list[BlockInput], device: torch.device) -> dict[str, object]:
+    stats = {name: layer_pass.make_stats(name, model.get_submodule(name)) for name in group}
+    handles = []
+    for name, stat in stats.items():
+        if stat is None:
+            continue
+
+        def hook(module, args, output, stat=stat):
+            stat.add_batch(args[0].detach())
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        for item in inputs:
+            block_output(block, item.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
 def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                   plan: Sequence[tuple[LayerPass, list[str]]], *, device: torch.device,
+                  input_ids: torch.Tensor | None = None, offload: torch.device | None = None,
                   progress: Progress | None = None) -> list[LayerResult]:
     """Apply each pass to its layers, block by block, swapping in the modules the passes return."""
+    calibrated = any(p.needs_calibration for p, _ in plan)
+    inputs: list[BlockInput] = []
+    if calibrated:
+        if input_ids is None:
+            raise CompressError("this method needs calibration data")
+        inputs = capture_block_inputs(model, blocks, input_ids, device=device, offload=offload, progress=progress)
+    per_pass = [(p, _by_block(names, block_path)) for p, names in plan]
     results: list[LayerResult] = []
-    for layer_pass, names in plan:
-        if layer_pass.needs_calibration:
-            raise CompressError(f"method {layer_pass.config.method} needs the calibrated sweep, "
-                                "which this version does not have")
-        by_block: dict[int, list[str]] = {}
-        prefix = f"{block_path}."
-        for name in names:
-            if not name.startswith(prefix):
-                raise CompressError(f"layer {name} is outside the blocks at {block_path}")
-            index = int(name[len(prefix):].split(".", 1)[0])
-            by_block.setdefault(index, []).append(name)
-        total = len(blocks)
-        for index, block in enumerate(blocks):
-            home = next((p.device for p in block.parameters()), torch.device("cpu"))
-            block.to(device)
-            for name in by_block.get(index, []):
-                linear = model.get_submodule(name)
-                original = linear.weight.detach()
-                replacement = layer_pass.apply(name, linear, None)
-                results.append(LayerResult(
-                    name=name, method=layer_pass.config.method, scheme=layer_pass.describe(),
-                    in_features=linear.in_features, out_features=linear.out_features,
-                    rel_weight_error=_relative_error(original, replacement),
-                ))
-                _swap(model, name, replacement)
-            block.to(home)
-            if progress is not None:
-                progress(f"{layer_pass.config.method} blocks", index + 1, total)
+    total = len(blocks)
+    store = offload or torch.device("cpu")
+    for index, block in enumerate(blocks):
+        home = next((p.device for p in block.parameters()), torch.device("cpu"))
+        block.to(device)
+        for layer_pass, by_block in per_pass:
+            names = by_block.get(index, [])
+            if not names:
+                continue
+            if layer_pass.needs_calibration:
+                groups = execution_groups(model, block, names, inputs[0], device)
+            else:
+                groups = [names]
+            for group in groups:
+                stats = (_calibrate_group(model, block, layer_pass, group, inputs, device)
+                         if layer_pass.needs_calibration else {})
+                for name in group:
+                    linear = model.get_submodule(name)
+                    original = linear.weight.detach()
+                    replacement = layer_pass.apply(name, linear, stats.get(name))
+                    results.append(LayerResult(
+                        name=name, method=layer_pass.config.method, scheme=layer_pass.describe(),
+                        in_features=linear.in_features, out_features=linear.out_features,
+                        rel_weight_error=_relative_error(original, replacement),
+                    ))
+                    _swap(model, name, replacement)
+                    stat = stats.get(name)
+                    if stat is not None and hasattr(stat, "free"):
+                        stat.free()
+        if calibrated and index + 1 < total:
+            inputs = [item.with_hidden(block_output(block, item.to(device)).to(store)) for item in inputs]
+        block.to(home)
+        if progress is not None:
+            progress("compress blocks", index + 1, total)
     return results
