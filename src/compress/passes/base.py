@@ -8,10 +8,10 @@ whatever module ``apply`` returns (a ``QuantLinear``, a pruned ``Linear``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+from torch import Tensor, nn
 
 from compress.core.registry import Registry
 
@@ -26,6 +26,19 @@ class PassConfig(BaseModel):
     """Module name patterns left untouched (glob, or ``re:`` regex as in compressed-tensors)."""
 
 
+class Stats(Protocol):
+    """A per-layer accumulator the pipeline feeds (``calibrate.stats.HessianStats`` is one).
+
+    The pipeline only needs these two methods, so a pass may bring any statistic it likes.
+    """
+
+    def add_batch(self, x: Tensor) -> None:
+        """Fold one calibration batch of the layer's INPUT (``[..., in_features]``) into the statistic."""
+
+    def free(self) -> None:
+        """Release the memory once ``apply`` has run."""
+
+
 class LayerPass(ABC):
     """One method applied layer by layer. Subclasses set ``config_cls`` and implement ``apply``."""
 
@@ -34,6 +47,15 @@ class LayerPass(ABC):
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config
+
+    def make_stats(self, name: str, linear: nn.Linear) -> Stats | None:
+        """The accumulator for one targeted layer, when ``needs_calibration`` is True.
+
+        Contract with the pipeline: it calls this for each targeted layer, feeds every calibration batch's
+        layer input through ``stats.add_batch(x)`` (a forward hook), then ``apply(name, linear, stats)``,
+        then ``stats.free()``. The pass decides what to collect, so a new statistic needs no pipeline change.
+        """
+        return None
 
     def check_layer(self, name: str, linear: nn.Linear) -> None:  # noqa: B027 (optional hook)
         """Raise ``CompressError`` before any work if this layer cannot take the pass (e.g. group size)."""

@@ -136,9 +136,7 @@ def gptq_quantize(
                 if end > i2:
                     parts.append(w[:, i2:end] - err1[:, :i] @ u[i1:col, i2:end])
                 current = torch.cat(parts, dim=1)
-                s, z = choose_qparams(
-                    current, scheme, observer=observer, importance=importance[col:end]
-                )
+                s, z = choose_qparams(current, scheme, observer=observer, importance=importance[col:end])
                 g = int(group_of[col])
                 scale[:, g], zp[:, g] = _storable(s[:, 0], scale_dtype), z[:, 0]
             g = int(group_of[col])

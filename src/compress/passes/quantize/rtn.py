@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 from torch import nn
 
+from compress.core.observers import choose_qparams
 from compress.core.scheme import QuantScheme
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass, PassConfig
@@ -21,6 +22,8 @@ class WeightQuantConfig(PassConfig):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     symmetric: bool = True
+    observer: Literal["minmax", "mse"] = "minmax"
+    """How group scales are chosen: full min/max range, or the clip ratio minimising the squared error."""
 
     @field_validator("group_size")
     @classmethod
@@ -50,7 +53,11 @@ class RTNPass(LayerPass):
         self.config.scheme.check_layer(name, linear.in_features)
 
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
-        return QuantLinear.from_linear(linear, self.config.scheme)
+        scheme = self.config.scheme
+        if self.config.observer == "minmax":
+            return QuantLinear.from_linear(linear, scheme)
+        scale, zero_point = choose_qparams(linear.weight.detach(), scheme, observer=self.config.observer)
+        return QuantLinear.from_linear(linear, scheme, scale=scale, zero_point=zero_point)
 
     def describe(self) -> str:
         return self.config.scheme.tag
