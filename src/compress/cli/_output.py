@@ -7,6 +7,7 @@ made here.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ def quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    route_library_logs()
     try:
         import datasets
         import transformers
@@ -38,6 +40,19 @@ def quiet_libraries() -> None:
         huggingface_hub.utils.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - both are dependencies
         pass
+
+
+class _WarningHandler(logging.Handler):
+    """Library warnings (logger "compress") shown like our own, one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log(record.getMessage())
+
+
+def route_library_logs() -> None:
+    logger = logging.getLogger("compress")
+    if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
+        logger.addHandler(_WarningHandler(level=logging.WARNING))
 
 
 def log(message: str) -> None:

@@ -13,10 +13,17 @@ from compress.cli.errors import handle_errors
 @handle_errors
 def quantize(
     model: str | None = typer.Argument(None, help="Local folder or hub id; omitted: the embedded demo model."),
-    method: str | None = typer.Option(None, help="Quantization method (default rtn)."),
+    method: str | None = typer.Option(None, help="Quantization method: rtn or gptq (default gptq)."),
     bits: int | None = typer.Option(None, help="Weight bits: 2, 3, 4 or 8 (default 4)."),
     group_size: int | None = typer.Option(None, help="Input columns per scale: 32, 64, 128, ... or -1 per channel."),
     sym: bool | None = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric with zero points."),
+    act_order: bool | None = typer.Option(None, "--act-order/--no-act-order",
+                                          help="GPTQ: quantize columns by descending Hessian diagonal."),
+    damp: float | None = typer.Option(None, help="GPTQ: dampening, a fraction of the mean Hessian diagonal."),
+    block_size: int | None = typer.Option(None, help="GPTQ: columns per lazy-update block (default 128)."),
+    static_groups: bool | None = typer.Option(None, "--static-groups/--no-static-groups",
+                                              help="GPTQ: compute all group scales before the column sweep."),
+    observer: str | None = typer.Option(None, help="Scale search: minmax or mse (clipping search)."),
     dataset: str | None = typer.Option(None, help="Calibration data: built-in name, local file/folder or hub id."),
     num_samples: int | None = typer.Option(None, help="Calibration samples (default 128)."),
     seq_len: int | None = typer.Option(None, help="Tokens per calibration sample (default: context, max 2048)."),
@@ -40,12 +47,14 @@ def quantize(
     """Quantize MODEL's linear layers and write a compressed-tensors checkpoint."""
     flags = {
         "model": model, "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
-        "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "calibration.dataset": dataset,
+        "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "stages.*.act_order": act_order,
+        "stages.*.damp": damp, "stages.*.block_size": block_size, "stages.*.static_groups": static_groups,
+        "stages.*.observer": observer, "calibration.dataset": dataset,
         "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.seed": seed,
         "output": str(output) if output else None, "device": device, "dtype": dtype,
         "eval.dataset": eval_dataset, "eval.max_windows": eval_windows, "eval.enabled": do_eval,
         "eval.max_ppl_increase": max_ppl_increase, "eval.min_compression_ratio": min_compression_ratio,
         "trust_remote_code": trust_remote_code or None, "allow_pickle": allow_pickle or None,
     }
-    execute_recipe(recipe or "w4a16-rtn", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
+    execute_recipe(recipe or "w4a16-gptq", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
                    as_json=as_json)

@@ -37,7 +37,16 @@ FLAG_FIELDS: dict[str, str] = {
     "stages.*.group_size": "--group-size",
     "stages.*.symmetric": "--sym/--asym",
     "stages.*.ignore": "--ignore",
+    "stages.*.act_order": "--act-order",
+    "stages.*.damp": "--damp",
+    "stages.*.block_size": "--block-size",
+    "stages.*.static_groups": "--static-groups",
+    "stages.*.observer": "--observer",
 }
+
+
+# fields every weight quantizer has; switching --method keeps these from the base recipe
+_SHARED_STAGE_FIELDS = ("bits", "group_size", "symmetric", "ignore", "observer")
 
 
 def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +61,7 @@ def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
             for stage in stages:
                 if parts[-1] == "method" and stage.get("method") != value:
                     # a different method keeps only the fields every weight quantizer shares
-                    keep = {k: stage[k] for k in ("bits", "group_size", "symmetric", "ignore") if k in stage}
+                    keep = {k: stage[k] for k in _SHARED_STAGE_FIELDS if k in stage}
                     stage.clear()
                     stage.update(keep)
                 stage[parts[-1]] = value
@@ -76,6 +85,9 @@ def recipe_from_flags(base: dict[str, Any], flags: dict[str, Any]) -> Recipe:
         if loc and loc[0] == "stages" and len(loc) >= 4:
             key = f"stages.*.{loc[-1]}"
         flag = FLAG_FIELDS.get(key)
+        if flag is not None and _given(flags, key) and first["type"] == "extra_forbidden":
+            methods = sorted({stage.get("method", "?") for stage in data.get("stages", [])})
+            raise CompressError(f"{flag} does not apply to --method {', '.join(methods)}") from None
         if flag is not None and _given(flags, key):
             raise CompressError(f"{flag}: {first['msg']}") from None
         raise CompressError(validation_message(error)) from None

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from compress.core.errors import CompressError
+from compress.passes import PASSES
 from compress.recipes.schema import Recipe
 
 _PRESET_PACKAGE = "compress.recipes.presets"
@@ -26,6 +27,8 @@ def validation_message(error: ValidationError, what: str = "recipe") -> str:
     first = error.errors()[0]
     # pydantic puts the union tag (e.g. 'rtn') into the location of discriminated members; drop it.
     loc = [str(part) for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+    if len(loc) >= 3 and loc[0] == "stages" and loc[2] in PASSES:  # the union tag pydantic adds: stages.0.rtn.bits
+        del loc[2]
     path = ".".join(loc) or "(top level)"
     reason = first["msg"]
     if first["type"] == "extra_forbidden":

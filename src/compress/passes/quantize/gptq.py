@@ -19,8 +19,8 @@ from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight, pack_codes, pack_zero_point
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
+from compress.passes.quantize._config import WeightQuantConfig
 from compress.passes.quantize.gptq_math import GPTQResult, gptq_quantize
-from compress.passes.quantize.rtn import WeightQuantConfig
 
 logger = logging.getLogger("compress")
 

@@ -7,34 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
 from torch import nn
 
 from compress.core.observers import choose_qparams
-from compress.core.scheme import QuantScheme
 from compress.kernels.quant_linear import QuantLinear
-from compress.passes.base import PASSES, LayerPass, PassConfig
-
-
-class WeightQuantConfig(PassConfig):
-    """Fields shared by every weight-only integer quantizer."""
-
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 128
-    symmetric: bool = True
-    observer: Literal["minmax", "mse"] = "minmax"
-    """How group scales are chosen: full min/max range, or the clip ratio minimising the squared error."""
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size_valid(cls, value: int) -> int:
-        if value != -1 and value <= 0:
-            raise ValueError("group_size must be -1 (per channel) or a positive number of input columns")
-        return value
-
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+from compress.passes.base import PASSES, LayerPass
+from compress.passes.quantize._config import WeightQuantConfig
 
 
 class RTNConfig(WeightQuantConfig):

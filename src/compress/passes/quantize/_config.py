@@ -1,0 +1,34 @@
+"""Config fields shared by every weight-only integer quantizer (RTN, GPTQ, ...).
+
+Its own module because a pass module never imports another pass module (DESIGN: layer rules).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator
+
+from compress.core.scheme import QuantScheme
+from compress.passes.base import PassConfig
+
+
+class WeightQuantConfig(PassConfig):
+    """Fields shared by every weight-only integer quantizer."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128
+    symmetric: bool = True
+    observer: Literal["minmax", "mse"] = "minmax"
+    """How group scales are chosen: full min/max range, or the clip ratio minimising the squared error."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_valid(cls, value: int) -> int:
+        if value != -1 and value <= 0:
+            raise ValueError("group_size must be -1 (per channel) or a positive number of input columns")
+        return value
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
