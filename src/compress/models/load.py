@@ -26,6 +26,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from compress.core.errors import CompressError
+from compress.models.lazy import LazyWeights
 
 __all__ = [
     "DEMO_MODEL_DIR",
@@ -280,3 +281,44 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, kind=kind, source=source, name=_short_name(spec, source)
     )
+
+
+def load_model_streaming(
+    spec: str | None, *, dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[LoadedModel, LazyWeights, str] | None:
+    """Like ``load_model`` but reading only what is outside the blocks; blocks are read on demand through
+    the returned ``LazyWeights`` (see ``compress.models.lazy``). None when the checkpoint cannot be
+    streamed (hub id, pickle weights, Conv1D, an unusual key layout): the caller then loads eagerly."""
+    from compress.models.blocks import find_blocks
+    from compress.models.lazy import build_lazy
+
+    source = resolve_model_source(spec)
+    folder = Path(source)
+    if not _is_local(source) or not any(folder.glob("*.safetensors")):
+        return None
+    config = load_config(spec, trust_remote_code=trust_remote_code)
+    kind = model_kind(config)
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    torch_dtype = _resolve_dtype(dtype)
+    if torch_dtype == "auto":
+        torch_dtype = _config_dtype(config)
+    try:
+        built = build_lazy(_auto_class(kind), config, folder, torch_dtype, trust_remote_code=trust_remote_code)
+    except CompressError:
+        raise
+    except Exception:  # anything unusual about this architecture: the eager path handles it
+        return None
+    if built is None:
+        return None
+    model, lazy = built
+    block_path, _ = find_blocks(model)
+    lazy.load_outside(block_path)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=source, name=_short_name(spec, source))
+    return loaded, lazy, block_path
+
+
+def _config_dtype(config) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(value, str):
+        value = getattr(torch, value, torch.float32)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32

@@ -23,7 +23,7 @@ from compress.evaluate.size import dir_size_bytes, parameter_count
 from compress.export.checkpoint import checkpoint_tensors, quantization_config, write_config, write_weights
 from compress.export.manifest import write_manifest
 from compress.models.blocks import find_blocks, find_linears, select_layers
-from compress.models.load import LoadedModel, load_model, resolve_model_source
+from compress.models.load import LoadedModel, load_model, load_model_streaming, resolve_model_source
 from compress.passes import PASSES, LayerPass
 from compress.pipeline.evaluation import context_length, evaluate_artifact, is_compressed
 from compress.pipeline.output_dir import staging_dir
@@ -106,8 +106,7 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         tick = time.perf_counter()
         if progress is not None:
             progress("load model", 0, 1)
-        loaded = load_model(source, dtype=recipe.dtype, device="cpu",
-                            trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
+        loaded, prepare_block = _load(recipe, source)
         model = loaded.model
         timings["load_s"] = time.perf_counter() - tick
         if progress is not None:
@@ -125,7 +124,7 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         tick = time.perf_counter()
         with torch.inference_mode():
             results = run_layerwise(model, block_path, blocks, layer_plan, device=device,
-                                    input_ids=calibration_ids, progress=progress)
+                                    input_ids=calibration_ids, prepare_block=prepare_block, progress=progress)
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -176,6 +175,19 @@ def _display_source(source: str) -> str:
     from compress.models.load import DEMO_MODEL_DIR
 
     return "demo (embedded)" if Path(source).resolve() == Path(DEMO_MODEL_DIR).resolve() else source
+
+
+def _load(recipe: Recipe, source: str) -> tuple[LoadedModel, Callable[[int], None] | None]:
+    """Stream blocks from disk when the checkpoint allows it (memory follows one block), else load eagerly."""
+    streamed = None
+    if recipe.stream:
+        streamed = load_model_streaming(source, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
+    if streamed is None:
+        loaded = load_model(source, dtype=recipe.dtype, device="cpu",
+                            trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
+        return loaded, None
+    loaded, lazy, block_path = streamed
+    return loaded, lambda index: lazy.load(f"{block_path}.{index}")
 
 
 def refuse_compressed(source: str) -> None:

@@ -77,13 +77,12 @@ def execution_groups(model: nn.Module, block: nn.Module, names: list[str], sampl
     the outputs of earlier, already-compressed groups. Learned from one forward pass, so no per-family table.
     """
     order: list[str] = []
-    key_of: dict[str, tuple[int, tuple[int, ...]]] = {}
+    seen_input: dict[str, torch.Tensor] = {}  # holds every input alive, so no two can share an address
     handles = []
     for name in names:
         def hook(module, inputs, output, name=name):
-            if name not in key_of:
-                x = inputs[0]
-                key_of[name] = (x.data_ptr(), tuple(x.shape))
+            if name not in seen_input:
+                seen_input[name] = inputs[0]
                 order.append(name)
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     try:
@@ -92,14 +91,16 @@ def execution_groups(model: nn.Module, block: nn.Module, names: list[str], sampl
         for handle in handles:
             handle.remove()
     groups: list[list[str]] = []
-    keys: list[tuple[int, tuple[int, ...]]] = []
     for name in order:
-        if keys and key_of[name] == keys[-1]:
+        x = seen_input[name]
+        previous = seen_input[groups[-1][0]] if groups else None
+        same = previous is not None and (x is previous or (
+            x.data_ptr() == previous.data_ptr() and x.shape == previous.shape and x.stride() == previous.stride()))
+        if same:
             groups[-1].append(name)
         else:
             groups.append([name])
-            keys.append(key_of[name])
-    missing = [n for n in names if n not in key_of]
+    missing = [n for n in names if n not in seen_input]
     if missing:  # never called during the forward (e.g. an unused branch): compress it last on no data
         groups.append(missing)
     return groups
@@ -129,8 +130,12 @@ def _calibrate_group(model: nn.Module, block: nn.Module, layer_pass: LayerPass, 
 def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                   plan: Sequence[tuple[LayerPass, list[str]]], *, device: torch.device,
                   input_ids: torch.Tensor | None = None, offload: torch.device | None = None,
+                  prepare_block: Callable[[int], None] | None = None,
                   progress: Progress | None = None) -> list[LayerResult]:
-    """Apply each pass to its layers, block by block, swapping in the modules the passes return."""
+    """Apply each pass to its layers, block by block, swapping in the modules the passes return.
+
+    ``prepare_block(i)`` is called right before block ``i`` is used (streaming loads read its weights then).
+    """
     calibrated = any(p.needs_calibration for p, _ in plan)
     inputs: list[BlockInput] = []
     if calibrated:
@@ -142,6 +147,8 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
     total = len(blocks)
     store = offload or torch.device("cpu")
     for index, block in enumerate(blocks):
+        if prepare_block is not None:
+            prepare_block(index)
         home = next((p.device for p in block.parameters()), torch.device("cpu"))
         block.to(device)
         for layer_pass, by_block in per_pass:

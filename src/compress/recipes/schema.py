@@ -88,6 +88,8 @@ class Recipe(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    stream: bool = True
+    """Read each block from disk when the sweep reaches it (falls back to a full load when it cannot)."""
     calibration: CalibrationConfig = CalibrationConfig()
     stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
     export: ExportConfig = ExportConfig()

@@ -78,6 +78,10 @@ class GPTQPass(LayerPass):
         # device=None: the Hessian lives wherever the pipeline runs the block (the first batch's device)
         return HessianStats(linear.in_features)
 
+    def __init__(self, config: GPTQConfig) -> None:
+        super().__init__(config)
+        self._warned_widths: set[int] = set()
+
     def check_layer(self, name: str, linear: nn.Linear) -> None:
         self.config.scheme.check_layer(name, linear.in_features)
 
@@ -88,7 +92,8 @@ class GPTQPass(LayerPass):
             raise CompressError(f"calibration produced no tokens for layer {name}; GPTQ cannot run")
         self.check_layer(name, linear)
         k = linear.in_features
-        if stats.tokens < MIN_TOKENS_PER_INPUT * k:
+        if stats.tokens < MIN_TOKENS_PER_INPUT * k and k not in self._warned_widths:
+            self._warned_widths.add(k)  # once per input width, not once per layer
             logger.warning(
                 "calibration saw %d tokens for layer %s with %d inputs; the Hessian may be unstable "
                 "(use at least %d tokens)",
