@@ -238,3 +238,46 @@ def test_requantizing_a_compressed_checkpoint_is_refused(w4_output, corpus, tmp_
     result = invoke(quantize_args(out, corpus, tmp_path / "again"))
     assert result.exit_code == 2
     assert "already a compressed checkpoint" in result.stderr
+
+
+def test_indivisible_group_size_can_fall_back_to_per_channel(llama_dir, corpus, tmp_path):
+    out = tmp_path / "fallback"
+    # group 48 divides no width of the tiny model (64, 128): every layer falls back to per-channel
+    result = invoke(quantize_args(llama_dir, corpus, out, "--group-size", "48", "--indivisible", "per-channel",
+                                  "--no-eval"))
+    assert result.exit_code == 0, result.output
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert weights["weights"]["strategy"] == "channel"
+    assert compress.load(out) is not None
+
+
+def test_ctrl_c_leaves_no_output(llama_dir, corpus, tmp_path, monkeypatch):
+    from compress.passes.quantize import gptq
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gptq, "gptq_quantize", interrupted)
+    out = tmp_path / "interrupted"
+    result = invoke(quantize_args(llama_dir, corpus, out, "--no-eval"))
+    assert result.exit_code == 130
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_mixed_schemes_export_as_several_config_groups(llama_dir, corpus, tmp_path):
+    out = tmp_path / "mixed"
+    # group 128 fits down_proj (128 inputs) but not the 64-input layers, which fall back to per-channel
+    result = invoke(quantize_args(llama_dir, corpus, out, "--group-size", "128", "--indivisible", "per-channel",
+                                  "--no-eval", "--method", "rtn"))
+    assert result.exit_code == 0, result.output
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    strategies = sorted(g["weights"]["strategy"] for g in groups.values())
+    assert strategies == ["channel", "group"]
+    assert all(t.startswith("re:") for g in groups.values() for t in g["targets"])
+    report = json.loads(invoke(["inspect", str(out), "--json"]).stdout)
+    schemes = {layer["name"].rsplit(".", 1)[-1]: layer["scheme"] for layer in report["layers"]}
+    assert schemes["down_proj"] == "w4g128" and schemes["q_proj"] == "w4"
+    loaded = compress.load(out)
+    assert loaded.get_submodule("model.layers.0.mlp.down_proj").scheme.group_size == 128
+    assert loaded.get_submodule("model.layers.0.self_attn.q_proj").scheme.group_size == -1

@@ -16,6 +16,8 @@ def quantize(
     method: str | None = typer.Option(None, help="Quantization method: rtn or gptq (default gptq)."),
     bits: int | None = typer.Option(None, help="Weight bits: 2, 3, 4 or 8 (default 4)."),
     group_size: int | None = typer.Option(None, help="Input columns per scale: 32, 64, 128, ... or -1 per channel."),
+    indivisible: str | None = typer.Option(None, help="Layers the group size does not divide: error (default) "
+                                             "or per-channel."),
     sym: bool | None = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric with zero points."),
     act_order: bool | None = typer.Option(None, "--act-order/--no-act-order",
                                           help="GPTQ: quantize columns by descending Hessian diagonal."),
@@ -49,7 +51,7 @@ def quantize(
         "model": model, "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
         "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "stages.*.act_order": act_order,
         "stages.*.damp": damp, "stages.*.block_size": block_size, "stages.*.static_groups": static_groups,
-        "stages.*.observer": observer, "calibration.dataset": dataset,
+        "stages.*.observer": observer, "stages.*.indivisible": indivisible, "calibration.dataset": dataset,
         "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.seed": seed,
         "output": str(output) if output else None, "device": device, "dtype": dtype,
         "eval.dataset": eval_dataset, "eval.max_windows": eval_windows, "eval.enabled": do_eval,

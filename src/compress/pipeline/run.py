@@ -244,8 +244,10 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     stages = []
     for layer_pass in build_passes(recipe):
         layers = plan_layers(config, ignore=layer_pass.config.ignore)
+        scheme_for = getattr(layer_pass.config, "scheme_for", None)
         for name, in_features, _ in layers:
-            layer_pass.config.scheme.check_layer(name, in_features) if hasattr(layer_pass.config, "scheme") else None
+            if scheme_for is not None:
+                scheme_for(in_features).check_layer(name, in_features)
         stages.append({"method": layer_pass.config.method, "scheme": layer_pass.describe(),
                        "layers": [{"name": n, "in_features": i, "out_features": o} for n, i, o in layers]})
     return {"recipe": yaml.safe_load(dump_recipe(recipe)), "model": _display_source(source),

@@ -42,11 +42,12 @@ FLAG_FIELDS: dict[str, str] = {
     "stages.*.block_size": "--block-size",
     "stages.*.static_groups": "--static-groups",
     "stages.*.observer": "--observer",
+    "stages.*.indivisible": "--indivisible",
 }
 
 
 # fields every weight quantizer has; switching --method keeps these from the base recipe
-_SHARED_STAGE_FIELDS = ("bits", "group_size", "symmetric", "ignore", "observer")
+_SHARED_STAGE_FIELDS = ("bits", "group_size", "symmetric", "ignore", "observer", "indivisible")
 
 
 def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,17 @@ class WeightQuantConfig(PassConfig):
             raise ValueError("group_size must be -1 (per channel) or a positive number of input columns")
         return value
 
+    indivisible: Literal["error", "per-channel"] = "error"
+    """A layer whose input width the group size does not divide: stop with an error (default), or quantize
+    that layer per output channel instead."""
+
     @property
     def scheme(self) -> QuantScheme:
         return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def scheme_for(self, in_features: int) -> QuantScheme:
+        """The scheme one layer gets: the configured one, or per-channel when groups do not fit and allowed."""
+        scheme = self.scheme
+        if self.indivisible == "per-channel" and scheme.group_size > 0 and in_features % scheme.group_size:
+            return QuantScheme(bits=self.bits, group_size=-1, symmetric=self.symmetric)
+        return scheme

@@ -17,6 +17,7 @@ from torch import nn
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight, pack_codes, pack_zero_point
+from compress.core.scheme import QuantScheme
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
 from compress.passes.quantize._config import WeightQuantConfig
@@ -52,9 +53,10 @@ def storage_dtype(linear: nn.Linear) -> torch.dtype:
     return dtype if dtype in _SCALE_DTYPES else torch.float32
 
 
-def pack_result(result: GPTQResult, config: GPTQConfig, dtype: torch.dtype) -> PackedWeight:
+def pack_result(result: GPTQResult, config: GPTQConfig, dtype: torch.dtype,
+                scheme: QuantScheme | None = None) -> PackedWeight:
     """The checkpoint tensors of a GPTQ result, packed from its codes (no re-quantization)."""
-    scheme = config.scheme
+    scheme = scheme or config.scheme
     out_f, in_f = result.codes.shape
     return PackedWeight(
         weight_packed=pack_codes(result.codes, scheme.bits),
@@ -83,7 +85,7 @@ class GPTQPass(LayerPass):
         self._warned_widths: set[int] = set()
 
     def check_layer(self, name: str, linear: nn.Linear) -> None:
-        self.config.scheme.check_layer(name, linear.in_features)
+        self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
 
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         if not isinstance(stats, HessianStats):
@@ -103,11 +105,12 @@ class GPTQPass(LayerPass):
                 MIN_TOKENS_PER_INPUT * k,
             )
         cfg = self.config
+        scheme = cfg.scheme_for(k)
         dtype = storage_dtype(linear)
         result = gptq_quantize(
             linear.weight.detach(),
             stats.hessian,
-            cfg.scheme,
+            scheme,
             block_size=cfg.block_size,
             damp=cfg.damp,
             act_order=cfg.act_order,
@@ -118,7 +121,7 @@ class GPTQPass(LayerPass):
         )
         logger.debug("layer %s: GPTQ loss %.6g (damp %g)", name, result.loss, result.damp_used)
         bias = None if linear.bias is None else linear.bias.detach()
-        return QuantLinear.from_packed(pack_result(result, cfg, dtype), bias)
+        return QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
 
     def describe(self) -> str:
         return self.config.scheme.tag

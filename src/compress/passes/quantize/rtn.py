@@ -28,10 +28,10 @@ class RTNPass(LayerPass):
     config: RTNConfig
 
     def check_layer(self, name: str, linear: nn.Linear) -> None:
-        self.config.scheme.check_layer(name, linear.in_features)
+        self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
 
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
-        scheme = self.config.scheme
+        scheme = self.config.scheme_for(linear.in_features)
         if self.config.observer == "minmax":
             return QuantLinear.from_linear(linear, scheme)
         scale, zero_point = choose_qparams(linear.weight.detach(), scheme, observer=self.config.observer)
