@@ -19,6 +19,7 @@ from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight
 from compress.core.scheme import QuantScheme
 from compress.core.targets import matches
+from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear
 
@@ -151,8 +152,7 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
     files = weight_files(folder)
     tensors, origin = read_tensors(files)
 
-    if kernel not in {"auto", "reference"}:
-        raise CompressError(f"kernel {kernel!r} is not available; use auto or reference")
+    requested_kernel(kernel)  # an unknown name fails before any weight is read
     model = build_empty_model(config)
     converted = set(convert_conv1d_to_linear(model))
     if quant_config is not None:
@@ -184,7 +184,7 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
                 for param in module.parameters(recurse=False):
                     param.data = param.data.to(dtype)
     model.to(target_device)
-    model.compress_kernel = kernel
+    model.compress_kernels = apply_kernel(model, kernel)
     return model
 
 

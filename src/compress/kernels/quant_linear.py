@@ -40,6 +40,7 @@ class QuantLinear(nn.Module):
         """Allocate zeroed buffers of the checkpoint shapes, ready for ``load_state_dict``."""
         super().__init__()
         scheme.validate()
+        self.kernel = None  # a compress.kernels.paths.KernelPath chosen at load; None = the reference op
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
@@ -134,6 +135,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise CompressError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if self.kernel is not None:
+            return self.kernel.forward(self, x)
         s = self.scheme
         return dequant_matmul_op(
             x,

@@ -1,0 +1,131 @@
+"""Forward paths for ``QuantLinear`` and how one is chosen per layer.
+
+A path turns a layer's checkpoint buffers into a fast forward: it may ``prepare`` device-specific
+buffers once at load (e.g. repack int4 codes into the layout of an aten kernel, kept as non-persistent
+buffers so ``state_dict()`` stays the checkpoint), then ``forward`` uses them. The reference path
+(dequantize, then matmul; ``compress::dequant_matmul``) serves every layer and is the oracle in tests.
+
+Selection: ``kernel="auto"`` (or ``COMPRESS_KERNEL=auto``) picks, per layer, the first path in
+``AUTO_ORDER`` that supports the layer on its device; an explicit name forces that path and fails with
+one sentence if a layer cannot use it (no silent wrong results, no silent slow fallback).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from compress.core.errors import CompressError
+from compress.core.registry import Registry
+
+if TYPE_CHECKING:
+    from compress.kernels.quant_linear import QuantLinear
+
+ENV_VAR = "COMPRESS_KERNEL"
+
+
+class KernelPath(ABC):
+    """One way to compute ``x @ W^T + b`` from a layer's packed weights."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def unsupported(self, layer: QuantLinear) -> str | None:
+        """Why this path cannot serve ``layer`` on the device its buffers are on, or None if it can."""
+
+    def prepare(self, layer: QuantLinear) -> None:  # noqa: B027 (optional)
+        """Build whatever the forward needs (non-persistent buffers on the layer); called once."""
+
+    @abstractmethod
+    def forward(self, layer: QuantLinear, x: Tensor) -> Tensor:
+        """Output in ``x.dtype``, shape ``[..., out_features]``."""
+
+
+KERNELS: Registry[KernelPath] = Registry("kernel")
+AUTO_ORDER: list[str] = []  # fastest first; paths append themselves when registered
+
+
+def register_path(path: KernelPath, *, auto_priority: int | None = None) -> KernelPath:
+    KERNELS.register(path.name)(path)
+    if auto_priority is not None:
+        AUTO_ORDER.insert(min(auto_priority, len(AUTO_ORDER)), path.name)
+    return path
+
+
+class ReferencePath(KernelPath):
+    """Dequantize, then matmul, through the ``compress::dequant_matmul`` op."""
+
+    name = "reference"
+
+    def unsupported(self, layer: QuantLinear) -> str | None:
+        return None
+
+    def forward(self, layer: QuantLinear, x: Tensor) -> Tensor:
+        from compress.kernels.ops import dequant_matmul_op
+
+        s = layer.scheme
+        return dequant_matmul_op(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point,
+                                 layer.weight_g_idx, s.bits, s.group_size, s.symmetric, layer.out_features,
+                                 layer.in_features, layer.bias)
+
+
+REFERENCE = ReferencePath()
+KERNELS.register("reference")(REFERENCE)
+
+
+def requested_kernel(kernel: str = "auto") -> str:
+    """The explicit argument wins over ``COMPRESS_KERNEL``; both default to auto."""
+    choice = kernel if kernel != "auto" else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    _import_paths()
+    if choice != "auto" and choice not in KERNELS:
+        raise CompressError(f"unknown kernel {choice!r}; use auto, {', '.join(KERNELS.names())}")
+    return choice
+
+
+def _import_paths() -> None:
+    """Register the optional paths (each module registers itself; a missing optional dependency skips it)."""
+    import importlib
+
+    for module in ("compress.kernels.cpu", "compress.kernels.triton_path"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+
+
+def apply_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, int]:
+    """Choose and prepare a path for every QuantLinear; returns how many layers use each path."""
+    from compress.kernels.quant_linear import QuantLinear
+
+    choice = requested_kernel(kernel)
+    counts: dict[str, int] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        path = _pick(layer, choice, name)
+        path.prepare(layer)
+        layer.kernel = path
+        counts[path.name] = counts.get(path.name, 0) + 1
+    return counts
+
+
+def _pick(layer: QuantLinear, choice: str, name: str) -> KernelPath:
+    if choice != "auto":
+        path = KERNELS.get(choice)
+        reason = path.unsupported(layer)
+        if reason is not None:
+            raise CompressError(f"kernel {choice} cannot run layer {name}: {reason}")
+        return path
+    for candidate in AUTO_ORDER:
+        path = KERNELS.get(candidate)
+        if path.unsupported(layer) is None:
+            return path
+    return REFERENCE
+
+
+def device_of(layer: nn.Module) -> torch.device:
+    return layer.weight_packed.device
