@@ -12,6 +12,19 @@ Everything is offline and seeded:
 
     python scripts/train_demo_model.py                 # build corpus + tokenizer, train, check
     python scripts/train_demo_model.py --check         # only re-run the check on the saved model
+
+Second, larger reference model of another architecture (Qwen2: q/k/v biases) for benchmarks. ``--no-assets``
+leaves the shipped assets alone: the corpus, ``src/compress/assets/README.md`` and
+``benchmarks/results/demo_model.json`` are not written; model, tokenizer and ``training.json`` (same figures:
+parameters, tokens, time, held-out / unigram ppl, sensitivity table) go to ``--out``. Tokenizer and splits
+come from the same deterministic code path as the demo's (the run fails if the re-trained tokenizer.json
+differs from the shipped one), so both models are scored on the same held-out text:
+
+    python scripts/train_demo_model.py --no-assets --arch qwen2 --hidden 256 --intermediate 768 --layers 6 \
+        --heads 4 --kv-heads 2 --steps 900 --out benchmarks/models/qwen2-256
+    python scripts/train_demo_model.py --no-assets --check --out benchmarks/models/qwen2-256   # re-check
+
+``--skip-check`` (with ``--no-assets``) skips the evaluation, for smoke tests.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ SPECIALS = ["<s>", "</s>", "<unk>", "<pad>"]
 CHARS_PER_TOKEN = 3.0  # measured for the 2048-vocab tokenizer; only used to size the splits
 SPLIT_TOKENS = {"heldout": 45_000, "calibration": 40_000, "validation": 15_000}
 SEQ_LEN = 256
+DEMO_OUT = ASSETS / "demo"
 
 
 # ----------------------------------------------------------------------------------------------- corpus
@@ -167,22 +181,29 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def make_config(tokenizer):
-    from transformers import LlamaConfig
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
-    return LlamaConfig(
+
+def make_config(tokenizer, args):
+    """The defaults (llama, 128/384, 4 layers, 4/2 heads) are the shipped demo model."""
+    import transformers
+
+    config_cls = getattr(transformers, ARCHS[args.arch][0])
+    extra = {"use_sliding_window": False} if args.arch == "qwen2" else {}
+    return config_cls(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
         max_position_embeddings=SEQ_LEN,
         tie_word_embeddings=False,
         rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
 
 
@@ -213,10 +234,10 @@ def windows(stream: torch.Tensor) -> torch.Tensor:
 
 
 def train(args, tokenizer, train_ids: torch.Tensor, val_ids: torch.Tensor, log) -> tuple:
-    from transformers import LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(make_config(tokenizer))
+    model = getattr(transformers, ARCHS[args.arch][1])(make_config(tokenizer, args))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-8)
     gen = torch.Generator().manual_seed(args.seed)
@@ -427,7 +448,7 @@ def machine_facts() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ASSETS / "demo", help="model + tokenizer directory")
+    p.add_argument("--out", type=Path, default=DEMO_OUT, help="model + tokenizer directory")
     p.add_argument("--corpus-out", type=Path, default=ASSETS / "corpus")
     p.add_argument("--steps", type=int, default=2800)
     p.add_argument(
@@ -443,30 +464,70 @@ def main() -> None:
     p.add_argument(
         "--check", action="store_true", help="only evaluate the saved model and rewrite the reports"
     )
+    p.add_argument("--arch", choices=sorted(ARCHS), default="llama")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=384)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument(
+        "--no-assets",
+        action="store_true",
+        help="leave the shipped corpus, assets README and demo_model.json alone; "
+        "write model, tokenizer and training.json to --out",
+    )
+    p.add_argument("--skip-check", action="store_true", help="skip the evaluation (needs --no-assets)")
     args = p.parse_args()
+    if args.no_assets and args.out.resolve() == DEMO_OUT.resolve():
+        p.error("--no-assets needs an --out other than the shipped demo model directory")
+    if args.skip_check and not args.no_assets:
+        p.error("--skip-check needs --no-assets (the shipped reports need the check)")
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     docs = build_corpus()
     splits = split_corpus(docs)
     texts = {k: [d["text"] for d in v] for k, v in splits.items()}
-    results_path = ROOT / "benchmarks" / "results" / "demo_model.json"
+    if args.no_assets:
+        results_path = args.out / "training.json"
+        # Same splits as the shipped ones (read-only here): the second model is scored on the same text.
+        for name in ("heldout", "calibration"):
+            shipped = read_jsonl(args.corpus_out / f"{name}.jsonl")
+            assert shipped == texts[name], f"shipped {name} split differs from the regenerated one"
+    else:
+        results_path = ROOT / "benchmarks" / "results" / "demo_model.json"
     if args.check:
         tokenizer = AutoTokenizer.from_pretrained(args.out)
-        model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
         results = json.loads(results_path.read_text())
         heldout_texts = read_jsonl(args.corpus_out / "heldout.jsonl")
         assert heldout_texts == texts["heldout"], "shipped held-out split differs from the regenerated one"
     else:
-        write_jsonl(args.corpus_out / "calibration.jsonl", splits["calibration"])
-        write_jsonl(args.corpus_out / "heldout.jsonl", splits["heldout"])
+        if not args.no_assets:
+            write_jsonl(args.corpus_out / "calibration.jsonl", splits["calibration"])
+            write_jsonl(args.corpus_out / "heldout.jsonl", splits["heldout"])
         t0 = time.time()
         tokenizer = train_tokenizer(texts["train"], args.vocab, args.out)
         log(f"tokenizer: vocab {len(tokenizer)} in {time.time() - t0:.1f}s")
+        shipped_tok = DEMO_OUT / "tokenizer.json"
+        if args.no_assets and shipped_tok.exists():
+            same = (args.out / "tokenizer.json").read_bytes() == shipped_tok.read_bytes()
+            if not same:
+                sys.exit(f"tokenizer.json in {args.out} differs from {shipped_tok}: models not comparable")
+            log(f"tokenizer.json identical to {shipped_tok}")
+        saved_tokenizer = tokenizer
+        if args.no_assets:
+            # Tokenize as AutoTokenizer (and so compress) loads --out. transformers 5 picks the class from
+            # config.json's model_type and for qwen2 forces Qwen2Tokenizer, which keeps vocab and merges but
+            # swaps in its own pre-tokenizer (digits split one by one) and NFC: same tokenizer.json, other
+            # token streams. Train and check on what the benchmarks will see.
+            make_config(tokenizer, args).save_pretrained(args.out)
+            tokenizer = AutoTokenizer.from_pretrained(args.out)
+            log(f"AutoTokenizer loads {args.out} as {type(tokenizer).__name__}")
     streams = {k: token_stream(tokenizer, v) for k, v in texts.items()}
     split_info = {
         k: {"documents": len(texts[k]), "tokens": len(streams[k]), "chars": sum(map(len, texts[k]))}
@@ -476,12 +537,12 @@ def main() -> None:
         log(f"split {k:12s} {v}")
     if not args.check:
         model, stats = train(args, tokenizer, streams["train"], streams["validation"], log)
-        model.config.name_or_path = "demo"
+        model.config.name_or_path = args.out.name if args.no_assets else "demo"
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(args.out, safe_serialization=True)
-        save_tokenizer(tokenizer, args.out)
+        save_tokenizer(saved_tokenizer, args.out)
         cmd = " ".join(["python", "scripts/train_demo_model.py", *sys.argv[1:]])
         stats.update(
             batch=args.batch,
@@ -493,6 +554,10 @@ def main() -> None:
             epochs=stats["train_tokens_seen"] / split_info["train"]["tokens"],
         )
         results = {"command": cmd, "training": stats}
+        if args.no_assets:
+            results["architecture"] = type(model).__name__
+    if args.no_assets:
+        results["tokenizer_class"] = type(tokenizer).__name__
     results["splits"] = split_info
     results["python"] = platform.python_version()
     results["machine"] = machine_facts()
@@ -516,9 +581,17 @@ def main() -> None:
         for m in layer.modules()
         if isinstance(m, torch.nn.Linear)
     )
-    results["check"] = check(model, tokenizer, streams["heldout"], streams["train"], log)
-    write_reports(results, args.out)
-    log(f"wrote {results_path} and {ASSETS / 'README.md'}")
+    if args.skip_check:
+        results["check"] = None
+        log("check skipped (--skip-check)")
+    else:
+        results["check"] = check(model, tokenizer, streams["heldout"], streams["train"], log)
+    if args.no_assets:
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {results_path}")
+    else:
+        write_reports(results, args.out)
+        log(f"wrote {results_path} and {ASSETS / 'README.md'}")
 
 
 if __name__ == "__main__":
