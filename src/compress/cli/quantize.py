@@ -30,6 +30,8 @@ def quantize(
     num_samples: int | None = typer.Option(None, help="Calibration samples (default 128)."),
     seq_len: int | None = typer.Option(None, help="Tokens per calibration sample (default: context, max 2048)."),
     ignore: list[str] | None = typer.Option(None, help="Layer name pattern to leave dense (repeatable)."),
+    export_format: str | None = typer.Option(None, "--format", help="Checkpoint layout: compressed-tensors "
+                                             "(default) or gptq."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
@@ -46,14 +48,14 @@ def quantize(
     dry_run: bool = typer.Option(False, help="Print the resolved recipe and layers; load no weights."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Quantize MODEL's linear layers and write a compressed-tensors checkpoint."""
+    """Quantize MODEL's linear layers and write a compressed-tensors (or GPTQ-layout) checkpoint."""
     flags = {
         "model": model, "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
         "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "stages.*.act_order": act_order,
         "stages.*.damp": damp, "stages.*.block_size": block_size, "stages.*.static_groups": static_groups,
         "stages.*.observer": observer, "stages.*.indivisible": indivisible, "calibration.dataset": dataset,
         "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.seed": seed,
-        "output": str(output) if output else None, "device": device, "dtype": dtype,
+        "export.format": export_format, "output": str(output) if output else None, "device": device, "dtype": dtype,
         "eval.dataset": eval_dataset, "eval.max_windows": eval_windows, "eval.enabled": do_eval,
         "eval.max_ppl_increase": max_ppl_increase, "eval.min_compression_ratio": min_compression_ratio,
         "trust_remote_code": trust_remote_code or None, "allow_pickle": allow_pickle or None,

@@ -155,11 +155,12 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
     requested_kernel(kernel)  # an unknown name fails before any weight is read
     model = build_empty_model(config)
     converted = set(convert_conv1d_to_linear(model))
+    if quant_config is None and any(n.endswith((".weight_packed", ".qweight")) for n in tensors):
+        raise CompressError(f"{folder} holds packed weights but config.json has no quantization_config")
     if quant_config is not None:
+        tensors, quant_config = _from_gptq_if_needed(tensors, origin, quant_config)
         _check_quant_config(quant_config)
     packed_names = sorted(n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed"))
-    if packed_names and quant_config is None:
-        raise CompressError(f"{folder} holds packed weights but config.json has no quantization_config")
     for name in packed_names:
         try:
             original = model.get_submodule(name)
@@ -205,12 +206,27 @@ def _quant_layer(name: str, scheme: QuantScheme, tensors: dict[str, torch.Tensor
     return QuantLinear.from_packed(packed, bias)
 
 
+def _from_gptq_if_needed(tensors: dict[str, torch.Tensor], origin: dict[str, str],
+                         quant_config) -> tuple[dict[str, torch.Tensor], dict]:
+    """A GPTQ-layout checkpoint is re-arranged in memory into the compressed-tensors tensors (same codes)."""
+    if not isinstance(quant_config, dict) or quant_config.get("quant_method") != "gptq":
+        return tensors, quant_config
+    from compress.export.gptq import compressed_tensors_config, from_gptq
+
+    converted, schemes = from_gptq(tensors, quant_config, origin)
+    if not schemes:
+        raise CompressError("quantization_config says gptq but the checkpoint has no qweight tensors")
+    has_g_idx = any(n.endswith(".weight_g_idx") for n in converted)
+    return converted, compressed_tensors_config(schemes, has_g_idx, ignore=())
+
+
 def _check_quant_config(quant_config) -> None:
     if not isinstance(quant_config, dict):
         raise CompressError("quantization_config in config.json must be an object")
     method = quant_config.get("quant_method")
     if method != "compressed-tensors":
-        raise CompressError(f"quantization_config.quant_method {method!r} is not supported (expected compressed-tensors)")
+        raise CompressError(f"quantization_config.quant_method {method!r} is not supported "
+                            "(expected compressed-tensors or gptq)")
     fmt = quant_config.get("format")
     if fmt != "pack-quantized":
         raise CompressError(f"compressed-tensors format {fmt!r} is not supported yet (expected pack-quantized)")

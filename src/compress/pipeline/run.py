@@ -20,7 +20,20 @@ from compress.calibrate.data import calibration_samples
 from compress.core.errors import CompressError, GateFailed
 from compress.evaluate.gates import check_gates
 from compress.evaluate.size import dir_size_bytes, parameter_count
-from compress.export.checkpoint import checkpoint_tensors, quantization_config, write_config, write_weights
+from compress.export.checkpoint import (
+    checkpoint_tensors,
+    quantization_config,
+    quantized_modules,
+    write_config,
+    write_weights,
+)
+from compress.export.gptq import (
+    check_expressible,
+    check_no_dense_in_blocks,
+    single_scheme,
+    to_gptq,
+    write_quantize_config,
+)
 from compress.export.manifest import write_manifest
 from compress.models.blocks import find_blocks, find_linears, select_layers
 from compress.models.load import LoadedModel, load_model, load_model_streaming, resolve_model_source
@@ -116,6 +129,8 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         block_path, blocks = find_blocks(model)
         layer_plan = plan(recipe, model)
         check_layers(model, layer_plan)
+        in_blocks = select_layers(model, ignore=())
+        check_export(recipe, model, layer_plan, in_blocks)
 
         tick = time.perf_counter()
         calibration, calibration_ids = _calibrate(recipe, loaded, say, progress)
@@ -128,7 +143,7 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        _export(model, loaded, staging, recipe, all_linears, results)
+        _export(model, loaded, staging, recipe, all_linears, in_blocks)
         timings["export_s"] = time.perf_counter() - tick
         del model, loaded
 
@@ -209,15 +224,51 @@ def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log,
             "tokens": int(samples.input_ids.numel()), "fingerprint": samples.fingerprint}, samples.input_ids
 
 
-def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linears, results) -> None:
+def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linears, in_blocks: list[str]) -> None:
     tensors = checkpoint_tensors(model)
+    quant_config = quantization_config(model, all_linears)
+    if recipe.export.format == "gptq":
+        tensors, quant_config = _gptq_layout(model, tensors, recipe, in_blocks)
+        write_quantize_config(staging, quant_config)
     write_weights(tensors, staging, parse_size(recipe.export.max_shard_size))
-    write_config(model.config, staging, quantization_config(model, all_linears))
+    write_config(model.config, staging, quant_config)
     generation = getattr(model, "generation_config", None)
     if generation is not None and loaded.kind == "causal-lm":
         generation.save_pretrained(str(staging))
     loaded.tokenizer.save_pretrained(str(staging))
     (staging / "recipe.yaml").write_text(dump_recipe(_recorded(recipe)))
+
+
+def _gptq_layout(model, tensors: dict[str, torch.Tensor], recipe: Recipe,
+                 in_blocks: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The same codes re-arranged as GPTQ tensors; refuses what that layout cannot express (FORMATS.md)."""
+    schemes = {name: module.scheme for name, module in quantized_modules(model).items()}
+    stage = recipe.stages[0].model_dump()
+    meta = {k: stage[k] for k in ("damp", "static_groups") if k in stage}
+    meta = {("damp_percent" if k == "damp" else k): v for k, v in meta.items()}
+    if stage.get("method") == "gptq":
+        meta["true_sequential"] = True
+    return to_gptq(tensors, schemes, dense_in_blocks=[n for n in in_blocks if n not in schemes], meta=meta)
+
+
+def check_export(recipe: Recipe, model: torch.nn.Module, layer_plan, in_blocks: list[str]) -> None:
+    """Refuse an export the target layout cannot express before any compute is spent on it."""
+    if recipe.export.format != "gptq":
+        return
+    from compress.models.blocks import find_linears
+
+    linears = find_linears(model)
+    schemes = {}
+    for layer_pass, names in layer_plan:
+        scheme_for = getattr(layer_pass.config, "scheme_for", None)
+        if scheme_for is None:
+            raise CompressError(f"method {layer_pass.config.method} does not quantize, so it has no GPTQ layout")
+        for name in names:
+            lin = linears[name]
+            schemes[name] = scheme_for(lin.in_features)
+            check_expressible(name, schemes[name], lin.out_features, lin.in_features)
+    single_scheme(schemes)
+    check_no_dense_in_blocks(n for n in in_blocks if n not in schemes)
 
 
 def _recorded(recipe: Recipe) -> Recipe:

@@ -40,7 +40,8 @@ class EvalConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    format: Literal["compressed-tensors"] = "compressed-tensors"
+    format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+    """compressed-tensors ``pack-quantized`` (native), or the GPTQ layout (one scheme per model; FORMATS.md)."""
     max_shard_size: str = "5GB"
 
     @field_validator("max_shard_size")
