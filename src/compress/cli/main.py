@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from compress.cli.bench_cmd import bench
+from compress.cli.convert_cmd import convert
 from compress.cli.evaluate import evaluate
 from compress.cli.inspect_cmd import inspect
 from compress.cli.quantize import quantize
@@ -24,6 +26,8 @@ app.command("quantize")(quantize)
 app.command("eval")(evaluate)
 app.command("run")(run)
 app.command("inspect")(inspect)
+app.command("bench")(bench)
+app.command("convert")(convert)
 app.add_typer(recipes_app, name="recipes")
 
 

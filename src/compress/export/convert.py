@@ -1,0 +1,166 @@
+"""``compress convert``: re-arrange a quantized checkpoint between compressed-tensors and the GPTQ layout.
+
+Both layouts hold the same integer codes, scales, zero points and g_idx, so conversion never dequantizes: it
+re-packs tensors (``export/gptq.py``) and copies everything else. Only the scale dtype can change (GPTQ stores
+fp16; a wider source is rounded with a warning). The caller provides the output folder; the CLI gives a
+staging folder that is renamed into place only when the conversion has finished (DESIGN: artifacts).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from compress.core.errors import CompressError
+from compress.export.checkpoint import INDEX_NAME, write_weights
+from compress.export.gptq import (
+    QUANTIZE_CONFIG_NAME,
+    compressed_tensors_config,
+    from_gptq,
+    read_gptq_config,
+    to_gptq,
+    write_quantize_config,
+)
+from compress.export.load import _check_quant_config, read_json, read_tensors, scheme_for, weight_files
+from compress.export.manifest import MANIFEST_NAME, write_manifest
+
+FORMATS = ("compressed-tensors", "gptq")
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_NOT_COPIED = {"config.json", QUANTIZE_CONFIG_NAME, MANIFEST_NAME, INDEX_NAME, "report.json", "recipe.yaml"}
+
+
+def checkpoint_format(quant_config: Any) -> str:
+    """"compressed-tensors" or "gptq" for a ``quantization_config`` we can read; CompressError otherwise."""
+    if isinstance(quant_config, dict) and quant_config.get("quant_method") == "gptq":
+        read_gptq_config(quant_config)
+        return "gptq"
+    _check_quant_config(quant_config)
+    return "compressed-tensors"
+
+
+def _linear_names(config_data: dict, folder: Path) -> tuple[list[str], list[str]]:
+    """(every Linear, the Linears inside decoder blocks) of the architecture, built on the meta device."""
+    from transformers import AutoConfig
+
+    from compress.models.blocks import convert_conv1d_to_linear, find_linears, select_layers
+    from compress.models.load import instantiate_from_config
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as error:  # transformers raises many types for a bad config
+        raise CompressError(f"config.json in {folder} cannot be read by transformers ({error})") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = instantiate_from_config(config)
+    convert_conv1d_to_linear(model)
+    return list(find_linears(model)), select_layers(model, ignore=())
+
+
+def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Any]:
+    """Write ``source`` re-arranged as ``to`` into the (empty) ``out_dir``; returns a summary for the CLI."""
+    if to not in FORMATS:
+        raise CompressError(f"unknown target format {to!r}; use {' or '.join(FORMATS)}")
+    if not source.is_dir():
+        raise CompressError(f"checkpoint {source} does not exist or is not a folder")
+    config_data = read_json(source / "config.json", "config")
+    quant = config_data.get("quantization_config")
+    if quant is None:
+        raise CompressError(f"{source} is not a quantized checkpoint (config.json has no quantization_config)")
+    origin_format = checkpoint_format(quant)
+    if origin_format == to:
+        raise CompressError(f"{source} is already in the {to} layout")
+    tensors, origin = read_tensors(weight_files(source))
+    all_linears, in_blocks = _linear_names(config_data, source)
+
+    if to == "gptq":
+        from compress.core.packing import PackedWeight
+
+        names = sorted(n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed"))
+        schemes = {}
+        for name in names:
+            schemes[name], _ = scheme_for(name, quant)
+            try:
+                PackedWeight.from_tensors(name, tensors, schemes[name])
+            except CompressError as error:
+                raise CompressError(f"{str(error).rstrip('.')} (in {origin.get(name + '.weight_packed')})") from None
+        meta = _source_meta(source)
+        converted, new_quant = to_gptq(tensors, schemes, dense_in_blocks=[n for n in in_blocks if n not in schemes],
+                                       meta=meta)
+        write_quantize_config(out_dir, new_quant)
+    else:
+        converted, schemes = from_gptq(tensors, quant, origin)
+        has_g_idx = any(n.endswith(".weight_g_idx") for n in converted)
+        new_quant = compressed_tensors_config(schemes, has_g_idx, ignore=all_linears)
+    write_weights(converted, out_dir, max_shard_bytes)
+    config_data["quantization_config"] = new_quant
+    (out_dir / "config.json").write_text(json.dumps(config_data, indent=2, sort_keys=True) + "\n")
+    copied = _copy_side_files(source, out_dir)
+    recipe = _converted_recipe(source, out_dir, to)
+    manifest = _read_manifest(source)
+    write_manifest(out_dir, source_model=manifest.get("source_model") or str(source), recipe=recipe,
+                   calibration=manifest.get("calibration"), evaluation=None)
+    return {"source": str(source), "from": origin_format, "to": to, "layers": len(schemes),
+            "scheme": next(iter(schemes.values())).tag if schemes else None, "copied": copied}
+
+
+def _copy_side_files(source: Path, out_dir: Path) -> list[str]:
+    """Tokenizer, generation config, chat template, ...: every top-level file that is not weights or ours."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in _NOT_COPIED:
+            shutil.copy2(path, out_dir / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _read_manifest(source: Path) -> dict[str, Any]:
+    path = source / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _source_meta(source: Path) -> dict[str, Any]:
+    """GPTQ ``meta`` fields the source recipe knows (damping, static groups), so the conversion keeps them."""
+    recipe = _read_recipe(source)
+    stage = (recipe.get("stages") or [{}])[0] if isinstance(recipe.get("stages"), list) else {}
+    meta: dict[str, Any] = {}
+    if isinstance(stage, dict) and stage.get("method") == "gptq":
+        meta["true_sequential"] = True
+        for key, name in (("damp", "damp_percent"), ("static_groups", "static_groups")):
+            if key in stage:
+                meta[name] = stage[key]
+    return meta
+
+
+def _read_recipe(source: Path) -> dict[str, Any]:
+    path = source / "recipe.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _converted_recipe(source: Path, out_dir: Path, to: str) -> dict[str, Any]:
+    """The source recipe with ``export.format`` set to the new layout: re-running it reproduces this artifact."""
+    recipe = _read_recipe(source)
+    if not recipe:
+        return {}
+    export = recipe.get("export") if isinstance(recipe.get("export"), dict) else {}
+    recipe["export"] = {**export, "format": to}
+    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return recipe
