@@ -32,9 +32,26 @@ def is_compressed(path: str | Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
+        if "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+            return True
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CompressError(f"config {config} is not valid JSON") from None
+    return _has_packed_tensors(Path(path))
+
+
+def _has_packed_tensors(folder: Path) -> bool:
+    """Packed tensors without a quantization_config must reach ``compress.load`` (which refuses them), not
+    transformers (which would run the architecture on uninitialised weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                if any(k.endswith((".weight_packed", ".qweight")) for k in handle.keys()):  # noqa: SIM118
+                    return True
+        except (SafetensorError, OSError):
+            return True  # let compress.load name the broken file
+    return False
 
 
 def load_any(path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
