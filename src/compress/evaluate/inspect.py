@@ -39,7 +39,7 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
     if isinstance(quant, dict) and quant.get("quant_method") == "gptq":
         layers = _gptq_layers(meta, quant)
         _check_architecture(folder, meta, {layer["name"] for layer in layers}, GPTQ_SUFFIXES)
-        return _report(folder, config, "gptq " + str(quant.get("checkpoint_format", "gptq")), layers, meta)
+        return _report(folder, config, str(quant.get("checkpoint_format", "gptq")), layers, meta)
     shapes = _shape_values(folder)
     layers = []
     for name in sorted(n[: -len(".weight_packed")] for n in meta if n.endswith(".weight_packed")):
