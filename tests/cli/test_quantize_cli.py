@@ -87,7 +87,7 @@ def test_manifest_hashes_every_file(w4_output):
 
 def test_load_returns_packed_layers_matching_the_in_memory_quantization(w4_output, llama_dir):
     out, payload = w4_output
-    model = compress.load(out)
+    model = compress.load(out, kernel="reference")  # the path eval uses
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 14
     assert all(m.weight_packed.dtype == torch.int32 for m in quantized)

@@ -19,6 +19,8 @@ def evaluate(
     max_ppl_increase: float | None = typer.Option(None, help="Gate: exit 3 above this relative increase (0.05=5%)."),
     min_compression_ratio: float | None = typer.Option(None, help="Gate: exit 3 below this baseline/size ratio."),
     min_cosine: float | None = typer.Option(None, help="Gate for encoders: exit 3 below this mean cosine."),
+    kernel: str = typer.Option("reference", help="Forward path of quantized layers: reference (exact, the "
+                               "default), auto, cpu or triton."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
     allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt pickled weights (loaded weights_only)."),
     dry_run: bool = typer.Option(False, help="Print what would be evaluated; load no weights."),
@@ -30,7 +32,7 @@ def evaluate(
     try:
         config = EvalConfig(dataset=dataset, seq_len=seq_len, max_windows=max_windows,
                             max_ppl_increase=max_ppl_increase, min_compression_ratio=min_compression_ratio,
-                            min_cosine=min_cosine)
+                            min_cosine=min_cosine, kernel=kernel)
     except Exception as error:  # pydantic ValidationError: turn into one sentence
         from compress.core.errors import CompressError
         from compress.recipes.loader import validation_message

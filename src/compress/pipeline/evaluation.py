@@ -54,10 +54,11 @@ def _has_packed_tensors(folder: Path) -> bool:
     return False
 
 
-def load_any(path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
+def load_any(path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+             kernel: str = "reference") -> torch.nn.Module:
     """A compressed checkpoint through ``compress.load``, anything else through transformers."""
     if is_compressed(path):
-        return load_compressed(path, device="cpu")
+        return load_compressed(path, device="cpu", kernel=kernel)
     return load_model(path, device="cpu", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).model
 
 
@@ -67,14 +68,15 @@ def evaluate(path: str, *, baseline: str | None, config: EvalConfig, trust_remot
     source = resolve_model_source(path)
     kind = model_kind(load_config(source, trust_remote_code=trust_remote_code))
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    model = load_any(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model = load_any(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, kernel=config.kernel)
     base = None
     if baseline is not None:
         base_source = resolve_model_source(baseline)
         base_kind = model_kind(load_config(base_source, trust_remote_code=trust_remote_code))
         if base_kind != kind:
             raise CompressError(f"baseline {baseline} is a {base_kind} model but {path} is a {kind} model")
-        base = load_any(base_source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        base = load_any(base_source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                        kernel=config.kernel)
     metrics: dict[str, Any] = {"kind": kind, "dataset": config.dataset}
     if Path(source).is_dir():
         metrics["size_bytes"] = dir_size_bytes(Path(source))
