@@ -69,4 +69,24 @@ class LayerPass(ABC):
         return self.config.method
 
 
-PASSES: Registry[type[LayerPass]] = Registry("method")
+class ModelPass(ABC):
+    """A method that changes the model's shape (structured pruning): it edits whole blocks and the config, so
+    it cannot be a per-layer solve inside the block sweep.
+
+    It still never sees an architecture: ``compress.models.structure`` names the layers (MLP in/out, q/k/v/o)
+    and edits the config; the pass turns calibration statistics into what to keep and slices ``nn.Linear``s.
+    The pipeline (``compress.pipeline.structured``) runs it before any layer-wise stage.
+    """
+
+    config_cls: ClassVar[type[PassConfig]]
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, config: PassConfig) -> None:
+        self.config = config
+
+    def describe(self) -> str:
+        """A short tag for output names and summaries, e.g. ``channels25``."""
+        return self.config.method
+
+
+PASSES: Registry[type[LayerPass] | type[ModelPass]] = Registry("method")
