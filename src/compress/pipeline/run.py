@@ -107,6 +107,10 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         progress: Progress | None = None, log: Log | None = None) -> RunResult:
     """Run ``recipe`` and write the artifact to ``out_dir`` (default: ``recipe.output`` or
     ``./compressed/<model>-<scheme>``)."""
+    from compress.pipeline.structured import is_structured, run_structured  # it builds on this module
+
+    if is_structured(recipe):  # whole-model stages change the shape: their own sweep, same artifact
+        return run_structured(recipe, out_dir, overwrite=overwrite, progress=progress, log=log)
     say = log or (lambda message: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
