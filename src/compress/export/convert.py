@@ -104,10 +104,29 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
     copied = _copy_side_files(source, out_dir)
     recipe = _converted_recipe(source, out_dir, to)
     manifest = _read_manifest(source)
+    if recipe:  # our own artifact: the card is rewritten for the new layout (a foreign README is copied as is)
+        _rewrite_card(source, out_dir, manifest, recipe)
     write_manifest(out_dir, source_model=manifest.get("source_model") or str(source), recipe=recipe,
                    calibration=manifest.get("calibration"), evaluation=None)
     return {"source": str(source), "from": origin_format, "to": to, "layers": len(schemes),
             "scheme": next(iter(schemes.values())).tag if schemes else None, "copied": copied}
+
+
+def _rewrite_card(source: Path, out_dir: Path, manifest: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """The conversion is lossless, so the source's layers and eval figures still describe this folder."""
+    from compress.export.card import write_card
+    from compress.export.manifest import tool_version
+
+    try:
+        report = json.loads((source / "report.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        report = {}
+    layers = report.get("layers") if isinstance(report, dict) and isinstance(report.get("layers"), list) else []
+    layers = [layer for layer in layers if isinstance(layer, dict) and "scheme" in layer]
+    write_card(out_dir, source_model=str(manifest.get("source_model") or source), recipe=recipe,
+               calibration=manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else None,
+               evaluation=manifest.get("eval") if isinstance(manifest.get("eval"), dict) else None,
+               layers=layers, tool_version=tool_version())
 
 
 def _copy_side_files(source: Path, out_dir: Path) -> list[str]:

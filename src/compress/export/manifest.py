@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from compress.core.errors import CompressError
+
 MANIFEST_NAME = "manifest.json"
 _LIBRARIES = ("torch", "transformers", "safetensors", "datasets", "compressed-tensors")
 
@@ -67,3 +69,58 @@ def write_manifest(folder: Path, *, source_model: str, recipe: dict, calibration
     path = folder / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of ``folder``; CompressError (bad input, exit 2) when it is absent or unreadable."""
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise CompressError(f"{folder} is not a folder")
+    if not path.is_file():
+        raise CompressError(f"{folder} has no {MANIFEST_NAME}, so there is nothing to verify against")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CompressError(f"{path} is not a readable JSON manifest") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise CompressError(f"{path} has no 'files' table of hashes")
+    return data
+
+
+def _listed_path(folder: Path, rel: str) -> Path | None:
+    """A manifest entry as a path inside ``folder``; None when it is absolute or climbs out (never read)."""
+    candidate = Path(rel)
+    if not rel or candidate.is_absolute() or ".." in candidate.parts or "\\" in rel:
+        return None
+    return folder / candidate
+
+
+def verify_manifest(folder: Path) -> list[dict[str, str]]:
+    """Re-hash every file and compare with the manifest: one problem per missing, changed or extra file.
+
+    Why also extra files: a file slipped into a release folder after it was made (a pickle, a script) is
+    as much a change to the artifact as an edited one. Entries that point outside the folder are never
+    read; they are reported as problems of the manifest itself.
+    """
+    folder = Path(folder)
+    listed = read_manifest(folder)["files"]
+    problems: list[dict[str, str]] = []
+    for rel in sorted(listed):
+        entry = listed[rel]
+        path = _listed_path(folder, rel)
+        expected = entry.get("sha256") if isinstance(entry, dict) else None
+        if path is None:
+            problems.append({"file": rel, "problem": "outside", "message": f"manifest entry {rel!r} points outside the folder"})
+        elif not isinstance(expected, str):
+            problems.append({"file": rel, "problem": "malformed", "message": f"manifest entry {rel} has no sha256"})
+        elif path.is_symlink() or not path.is_file():
+            problems.append({"file": rel, "problem": "missing", "message": f"{rel} is listed in the manifest but missing"})
+        elif sha256_file(path) != expected:
+            problems.append({"file": rel, "problem": "changed",
+                             "message": f"{rel} does not match its sha256 in the manifest (changed since it was written)"})
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST_NAME or rel in listed or path.is_dir():
+            continue
+        problems.append({"file": rel, "problem": "extra", "message": f"{rel} is not listed in the manifest (added later)"})
+    return problems

@@ -20,6 +20,7 @@ from compress.calibrate.data import calibration_samples
 from compress.core.errors import CompressError, GateFailed
 from compress.evaluate.gates import check_gates
 from compress.evaluate.size import dir_size_bytes, parameter_count
+from compress.export.card import write_card
 from compress.export.checkpoint import (
     checkpoint_tensors,
     quantization_config,
@@ -34,7 +35,7 @@ from compress.export.gptq import (
     to_gptq,
     write_quantize_config,
 )
-from compress.export.manifest import write_manifest
+from compress.export.manifest import tool_version, write_manifest
 from compress.models.blocks import find_blocks, find_linears, select_layers
 from compress.models.load import LoadedModel, load_model, load_model_streaming, resolve_model_source
 from compress.passes import PASSES, LayerPass
@@ -175,6 +176,9 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
             "gates": [asdict(g) for g in gates],
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_card(staging, source_model=_display_source(source), recipe=_recorded(recipe).model_dump(mode="json"),
+                   calibration=calibration, evaluation=metrics or None, layers=report["layers"],
+                   tool_version=tool_version())
         write_manifest(staging, source_model=_display_source(source), recipe=_recorded(recipe).model_dump(mode="json"),
                        calibration=calibration, evaluation=metrics or None)
     timings["total_s"] = time.perf_counter() - start

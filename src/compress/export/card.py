@@ -1,0 +1,149 @@
+"""``README.md`` model card: what was done to the model, how to load it, how it measured.
+
+Why it is written by the tool and not by hand: a release folder should explain itself to whoever finds
+it on a hub or a disk, and that text must agree with the artifact. It is built only from the recipe,
+the per-layer report and the eval metrics, never from a clock, a host name or the output path, so two
+runs of the same recipe write the same card, and it is written before ``manifest.json`` so its hash is
+recorded and ``compress verify`` covers it like every other file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+CARD_NAME = "README.md"
+
+_METRICS = (  # eval key → row label, in the order a reader wants them
+    ("baseline_ppl", "perplexity of the original"),
+    ("ppl", "perplexity"),
+    ("ppl_increase", "perplexity increase"),
+    ("kl", "KL to the original (nats/token)"),
+    ("top1", "top-1 agreement with the original"),
+    ("cosine", "embedding cosine to the original (mean)"),
+    ("cosine_min", "embedding cosine to the original (min)"),
+    ("spearman", "similarity rank correlation"),
+    ("compression_ratio", "compression ratio (bytes before / after)"),
+)
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key in ("ppl_increase", "top1"):
+        return f"{value * 100:+.2f}%" if key == "ppl_increase" else f"{value * 100:.2f}%"
+    if key == "compression_ratio":
+        return f"{value:.2f}x"
+    return f"{value:.6g}"
+
+
+def _stage_rows(recipe: dict[str, Any], layers: list[dict[str, Any]]) -> list[str]:
+    rows = ["| stage | method | scheme | layers | settings |", "|---|---|---|---|---|"]
+    for index, stage in enumerate(recipe.get("stages") or []):
+        method = stage.get("method", "?")
+        mine = [layer for layer in layers if layer.get("method") == method]
+        schemes = ", ".join(f"{s} ({n})" for s, n in sorted(Counter(layer["scheme"] for layer in mine).items()))
+        settings = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("method", "ignore") and v is not None)
+        rows.append(f"| {index} | {method} | {schemes or '-'} | {len(mine)} | {settings or '-'} |")
+    return rows
+
+
+def _load_section(fmt: str) -> list[str]:
+    lines = [
+        "## How to load it",
+        "",
+        "With compress (packed layers run through its kernels; `kernel=\"reference\"` is the exact path):",
+        "",
+        "```python",
+        "import compress",
+        "model = compress.load(\"path/to/this/folder\", device=\"auto\")",
+        "```",
+        "",
+    ]
+    if fmt == "gptq":
+        lines += [
+            "This folder uses the GPTQ layout (`quant_method: gptq`, see `quantize_config.json`): transformers",
+            "reads it through its GPTQ integration (with `optimum` and `gptqmodel` installed), and vLLM serves",
+            "it with `vllm serve path/to/this/folder`.",
+        ]
+    else:
+        lines += [
+            "This folder uses the compressed-tensors `pack-quantized` layout: transformers reads it with the",
+            "`compressed-tensors` package installed, and vLLM serves it directly:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
+            "```",
+            "",
+            "```",
+            "vllm serve path/to/this/folder",
+            "```",
+        ]
+    return lines
+
+
+def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
+    lines = ["## Evaluation", ""]
+    shown = [(label, _fmt(key, evaluation[key])) for key, label in _METRICS if evaluation and key in evaluation]
+    if not shown:
+        return [*lines, "The export was not evaluated (`eval.enabled: false`)."]
+    where = ""
+    if evaluation.get("dataset"):
+        where = f"Measured on the exported files, on `{evaluation['dataset']}`"
+        if evaluation.get("windows") is not None:
+            where += f" ({evaluation['windows']} windows x {evaluation.get('seq_len')} tokens)"
+        where += "."
+    lines += [where, "", "| metric | value |", "|---|---|"] if where else ["| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {value} |" for label, value in shown]
+    return lines
+
+
+def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[str, Any] | None,
+                evaluation: dict[str, Any] | None, layers: list[dict[str, Any]], tool_version: str) -> str:
+    """The card's Markdown; a pure function of its arguments (tested for byte-stability)."""
+    fmt = (recipe.get("export") or {}).get("format", "compressed-tensors")
+    schemes = sorted({layer["scheme"] for layer in layers})
+    ignore = sorted({p for stage in recipe.get("stages") or [] for p in (stage.get("ignore") or [])})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- compress-toolkit",
+        f"- {fmt}",
+        *[f"- {s}" for s in schemes],
+        "---",
+        "",
+        f"# {source_model}, compressed ({', '.join(schemes) or 'no layer changed'})",
+        "",
+        f"Made by compress-toolkit {tool_version} from `{source_model}`. `recipe.yaml` in this folder",
+        "reproduces it (`compress run recipe.yaml`); `manifest.json` records the sha256 of every file,",
+        "the library versions and the calibration fingerprint; `compress verify path/to/this/folder`",
+        "checks the files against it.",
+        "",
+        "## What was done",
+        "",
+        *_stage_rows(recipe, layers),
+        "",
+        f"Layers left dense by pattern: {', '.join(f'`{p}`' for p in ignore)}." if ignore else
+        "Layers outside the decoder blocks (embeddings, norms, the LM head) are left dense.",
+        "",
+    ]
+    if calibration:
+        lines += [
+            f"Calibration data (read only by data-dependent methods): `{calibration.get('dataset')}`, "
+            f"{calibration.get('num_samples')} samples x "
+            f"{calibration.get('seq_len')} tokens (seed {calibration.get('seed')}, fingerprint "
+            f"`{calibration.get('fingerprint')}`).",
+            "",
+        ]
+    lines += [*_load_section(fmt), "", *_eval_section(evaluation)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_card(folder: Path, **fields: Any) -> Path:
+    """Write ``README.md`` into ``folder`` (call before ``write_manifest`` so the card is hashed)."""
+    path = Path(folder) / CARD_NAME
+    path.write_text(render_card(**fields), encoding="utf-8")
+    return path
