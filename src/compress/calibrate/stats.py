@@ -92,3 +92,32 @@ class HessianStats:
         self._hessian = None
         self._sq_norms = None
         self._freed = True
+
+
+class InputNormStats:
+    """Per-input-channel ``Σ_t x_t[j]²`` only: what Wanda needs, ``in`` floats instead of ``in²``."""
+
+    def __init__(self, in_features: int) -> None:
+        if in_features <= 0:
+            raise CompressError(f"input norms need a positive input width, got {in_features}")
+        self.in_features = in_features
+        self.tokens = 0
+        self._sq_norms: Tensor | None = None
+
+    def add_batch(self, x: Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise CompressError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
+        x = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        if self._sq_norms is None:
+            self._sq_norms = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
+        self._sq_norms.add_(x.square().sum(dim=0).to(self._sq_norms.device))
+        self.tokens += x.shape[0]
+
+    @property
+    def sq_norms(self) -> Tensor:
+        if self._sq_norms is None:
+            return torch.zeros(self.in_features, dtype=torch.float32)
+        return self._sq_norms
+
+    def free(self) -> None:
+        self._sq_norms = None

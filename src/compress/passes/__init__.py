@@ -1,5 +1,6 @@
 """Compression passes. Importing this package registers every built-in method in ``PASSES``."""
 
+from compress.passes import prune as _prune  # noqa: F401  (registers the pruners)
 from compress.passes import quantize as _quantize  # noqa: F401  (registers the quantizers)
 from compress.passes.base import PASSES, LayerPass, PassConfig
 

@@ -4,7 +4,9 @@ SparseGPT have in common (the statistic is the same Hessian; only the per-column
 - ``prepare_hessian``: a float32 working copy with dead inputs neutralised;
 - ``inverse_hessian_factor``: the upper Cholesky factor of the damped inverse, retrying with more
   damping when the factorisation fails, and saying so;
-- ``act_order_permutation``: the column order by descending Hessian diagonal.
+- ``act_order_permutation``: the column order by descending Hessian diagonal;
+- ``storable_scale`` / ``fake_quant_column``: the per-column quantization step both sweeps take when
+  they quantize (GPTQ always, SparseGPT when asked for joint quantization).
 
 Pure functions on tensors; no module, no model, no logging setup (a ``log`` callback reports).
 """
@@ -17,6 +19,8 @@ import torch
 from torch import Tensor
 
 from compress.core.errors import CompressError
+from compress.core.primitives import dequantize, quantize
+from compress.core.scheme import QuantScheme
 
 DEFAULT_RETRIES = 4
 """Damping grows 10× per retry: 0.01 → 0.1 → 1 → 10 → 100 × mean(diag H) before giving up."""
@@ -103,3 +107,17 @@ def act_order_permutation(hessian: Tensor) -> tuple[Tensor, Tensor]:
     """
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
     return perm, torch.argsort(perm)
+
+
+def storable_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round a scale through its storage dtype (as ``pack_weight`` does) so codes use the stored value."""
+    stored = scale.to(dtype)
+    stored = torch.where(stored == 0, torch.full_like(stored, torch.finfo(dtype).tiny), stored)
+    return stored.float()
+
+
+def fake_quant_column(w: Tensor, scale: Tensor, zp: Tensor, scheme: QuantScheme) -> Tensor:
+    """Quantize-dequantize one column ``[out]`` with the primitives' exact arithmetic."""
+    col = w.unsqueeze(1)
+    s, z = scale.unsqueeze(1), zp.unsqueeze(1)
+    return dequantize(quantize(col, s, z, scheme), s, z, scheme).squeeze(1)

@@ -18,6 +18,7 @@ from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight, pack_codes, pack_zero_point
 from compress.core.scheme import QuantScheme
+from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
 from compress.passes.quantize._config import WeightQuantConfig
@@ -107,6 +108,7 @@ class GPTQPass(LayerPass):
         cfg = self.config
         scheme = cfg.scheme_for(k)
         dtype = storage_dtype(linear)
+        sparsity = getattr(linear, SPARSITY_ATTR, None)  # pruned by an earlier stage: keep its zeros
         result = gptq_quantize(
             linear.weight.detach(),
             stats.hessian,
@@ -117,11 +119,15 @@ class GPTQPass(LayerPass):
             static_groups=cfg.static_groups,
             observer=cfg.observer,
             scale_dtype=dtype,
+            keep_mask=None if sparsity is None else linear.weight.detach() != 0,
             log=lambda msg: logger.warning("layer %s: %s", name, msg),
         )
         logger.debug("layer %s: GPTQ loss %.6g (damp %g)", name, result.loss, result.damp_used)
         bias = None if linear.bias is None else linear.bias.detach()
-        return QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
+        quantized = QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
+        if sparsity is not None:
+            setattr(quantized, SPARSITY_ATTR, sparsity)
+        return quantized
 
     def describe(self) -> str:
         return self.config.scheme.tag

@@ -31,7 +31,13 @@ from compress.core.errors import CompressError
 from compress.core.observers import OBSERVERS, choose_qparams
 from compress.core.primitives import dequantize, quantize
 from compress.core.scheme import QuantScheme
-from compress.passes._obs import act_order_permutation, inverse_hessian_factor, prepare_hessian
+from compress.passes._obs import (
+    act_order_permutation,
+    fake_quant_column,
+    inverse_hessian_factor,
+    prepare_hessian,
+    storable_scale,
+)
 
 
 @dataclass
@@ -56,20 +62,6 @@ class GPTQResult:
     """compressed-tensors ``actorder`` of the result: ``"group"``, ``"weight"`` or ``None``."""
 
 
-def _storable(scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """Round a scale through its storage dtype (as ``pack_weight`` does) so codes use the stored value."""
-    stored = scale.to(dtype)
-    stored = torch.where(stored == 0, torch.full_like(stored, torch.finfo(dtype).tiny), stored)
-    return stored.float()
-
-
-def _fake_quant_column(w: Tensor, scale: Tensor, zp: Tensor, scheme: QuantScheme) -> Tensor:
-    """Quantize-dequantize one column ``[out]`` with the primitives' exact arithmetic."""
-    col = w.unsqueeze(1)
-    s, z = scale.unsqueeze(1), zp.unsqueeze(1)
-    return dequantize(quantize(col, s, z, scheme), s, z, scheme).squeeze(1)
-
-
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
@@ -81,13 +73,17 @@ def gptq_quantize(
     static_groups: bool = False,
     observer: str = "minmax",
     scale_dtype: torch.dtype = torch.float32,
+    keep_mask: Tensor | None = None,
     log: Callable[[str], None] | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` ``[out, in]`` against the Hessian ``[in, in]`` of its inputs (``2/n Σ x xᵀ``).
 
     ``scale_dtype`` is the dtype the scales will be stored in: each group's scale is rounded through it
     before any column uses it, so the codes are the ones a reader holding the stored scale reproduces.
-    ``log`` receives a sentence whenever the damping had to be raised.
+    ``keep_mask`` (bool ``[out, in]``) preserves an earlier pruning: weights outside it are quantized
+    to exactly zero (the zero point's code) and the OBS update moves their error onto kept weights, so a
+    prune stage followed by GPTQ keeps its sparsity pattern. ``log`` receives a sentence whenever the
+    damping had to be raised.
     """
     scheme.validate()
     if block_size <= 0:
@@ -100,17 +96,24 @@ def gptq_quantize(
     n_groups = scheme.n_groups(in_f)
     importance = torch.diagonal(h).clone()
 
+    keep = None
+    if keep_mask is not None:
+        if keep_mask.shape != w.shape:
+            raise CompressError(f"keep mask of shape {tuple(keep_mask.shape)} does not match the weight {tuple(w.shape)}")
+        keep = keep_mask.to(device=w.device, dtype=torch.bool)
+        w = w * keep
     scale = torch.zeros(out_f, n_groups, dtype=torch.float32, device=w.device)
     zp = torch.zeros(out_f, n_groups, dtype=torch.int32, device=w.device)
     static = static_groups or scheme.per_channel  # one group: computing it first is the same thing
     if static:
         s, z = choose_qparams(w, scheme, observer=observer, importance=importance)
-        scale, zp = _storable(s, scale_dtype), z
+        scale, zp = storable_scale(s, scale_dtype), z
 
     perm = invperm = None
     if act_order:
         perm, invperm = act_order_permutation(h)
         w, h, importance = w[:, perm], h[perm][:, perm], importance[perm]
+        keep = None if keep is None else keep[:, perm]
     # group of each processed position: original contiguous groups when static, else order of processing
     if static and perm is not None:
         group_of = perm // gs
@@ -136,12 +139,16 @@ def gptq_quantize(
                 if end > i2:
                     parts.append(w[:, i2:end] - err1[:, :i] @ u[i1:col, i2:end])
                 current = torch.cat(parts, dim=1)
+                if keep is not None:
+                    current = current * keep[:, col:end]
                 s, z = choose_qparams(current, scheme, observer=observer, importance=importance[col:end])
                 g = int(group_of[col])
-                scale[:, g], zp[:, g] = _storable(s[:, 0], scale_dtype), z[:, 0]
+                scale[:, g], zp[:, g] = storable_scale(s[:, 0], scale_dtype), z[:, 0]
             g = int(group_of[col])
             wc = w1[:, i]
-            qc = _fake_quant_column(wc, scale[:, g], zp[:, g], scheme)
+            qc = fake_quant_column(wc, scale[:, g], zp[:, g], scheme)
+            if keep is not None:
+                qc = torch.where(keep[:, col], qc, torch.zeros_like(qc))
             d = u1[i, i]
             q_all[:, col] = qc
             losses += (wc - qc).square() / d.square()

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from torch import nn
 
 from compress.core.observers import choose_qparams
+from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
 from compress.passes.quantize._config import WeightQuantConfig
@@ -33,9 +34,14 @@ class RTNPass(LayerPass):
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         scheme = self.config.scheme_for(linear.in_features)
         if self.config.observer == "minmax":
-            return QuantLinear.from_linear(linear, scheme)
-        scale, zero_point = choose_qparams(linear.weight.detach(), scheme, observer=self.config.observer)
-        return QuantLinear.from_linear(linear, scheme, scale=scale, zero_point=zero_point)
+            quantized = QuantLinear.from_linear(linear, scheme)
+        else:
+            scale, zero_point = choose_qparams(linear.weight.detach(), scheme, observer=self.config.observer)
+            quantized = QuantLinear.from_linear(linear, scheme, scale=scale, zero_point=zero_point)
+        sparsity = getattr(linear, SPARSITY_ATTR, None)
+        if sparsity is not None:  # zero lies in every group's range, so pruned weights stay exactly zero
+            setattr(quantized, SPARSITY_ATTR, sparsity)
+        return quantized
 
     def describe(self) -> str:
         return self.config.scheme.tag
