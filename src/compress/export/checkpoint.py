@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.core.scheme import QuantScheme
+from compress.core.sparsity import SPARSITY_ATTR, to_bitmask
 from compress.kernels.quant_linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -26,14 +27,23 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 
 
+def sparse_modules(model: nn.Module) -> dict[str, str]:
+    """Pruned layers (dense or quantized) → their sparsity structure (``unstructured``, ``2:4``, ...)."""
+    return {name: getattr(module, SPARSITY_ATTR) for name, module in model.named_modules()
+            if getattr(module, SPARSITY_ATTR, None) is not None}
+
+
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every persistent tensor once: tied parameters keep their first name, Conv1D-born dense layers go back
-    to the Conv1D layout the architecture's own loader expects."""
+    to the Conv1D layout the architecture's own loader expects, and pruned dense layers are stored in the
+    ``sparse-bitmask`` layout (kept values + a bit per weight) so the checkpoint really shrinks. Pruned
+    layers that were also quantized keep their packed codes (zeros are codes like any other)."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     from_conv1d = {
         name for name, module in model.named_modules() if getattr(module, "_compress_from_conv1d", False)
     }
+    sparse_dense = {name for name in sparse_modules(model) if not isinstance(model.get_submodule(name), QuantLinear)}
     for name, tensor in model.state_dict(keep_vars=False).items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
         if key is not None and key in seen:
@@ -43,6 +53,10 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         module_name, _, leaf = name.rpartition(".")
         if leaf == "weight" and module_name in from_conv1d:
             tensor = tensor.t()
+        if leaf == "weight" and module_name in sparse_dense:
+            for suffix, part in to_bitmask(tensor.detach().to("cpu")).items():
+                tensors[f"{module_name}.{suffix}"] = part
+            continue
         tensors[name] = tensor.detach().to("cpu").contiguous()
     return tensors
 
@@ -91,8 +105,13 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str]) -> di
     llm-compressor writes); several schemes target their layers by exact ``re:`` names.
     """
     quantized = quantized_modules(model)
+    sparsity = sparsity_config(model)
     if not quantized:
-        return None
+        if not sparsity:
+            return None
+        return {"quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
+                "config_groups": {}, "ignore": sorted(all_linear_names), "kv_cache_scheme": None,
+                "sparsity_config": sparsity, "global_compression_ratio": None}
     by_scheme: dict[QuantScheme, list[str]] = {}
     for name, module in quantized.items():
         by_scheme.setdefault(module.scheme, []).append(name)
@@ -115,8 +134,33 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str]) -> di
         "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
-        "sparsity_config": {},
+        "sparsity_config": sparsity,
         "global_compression_ratio": None,
+    }
+
+
+def sparsity_config(model: nn.Module) -> dict:
+    """compressed-tensors' ``sparsity_config``: ``sparse-bitmask`` when dense pruned layers are stored as
+    bitmasks, ``dense`` when every pruned layer is quantized (its codes are packed densely; the block then
+    only records the pattern, which serving engines read to pick sparse kernels). ``{}`` when nothing is
+    pruned. ``global_sparsity`` is the fraction of zeros over the pruned layers."""
+    sparse = sparse_modules(model)
+    if not sparse:
+        return {}
+    zeros = total = 0
+    for name in sparse:
+        module = model.get_submodule(name)
+        weight = module.dequantized_weight(torch.float32) if isinstance(module, QuantLinear) else module.weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    structures = sorted(set(sparse.values()))
+    any_dense = any(not isinstance(model.get_submodule(n), QuantLinear) for n in sparse)
+    return {
+        "format": "sparse-bitmask" if any_dense else "dense",
+        "global_sparsity": round(zeros / max(total, 1), 6),
+        "sparsity_structure": structures[0] if len(structures) == 1 else "unstructured",
+        "targets": [f"re:^{_escape(n)}$" for n in sorted(sparse)],
+        "ignore": [],
     }
 
 

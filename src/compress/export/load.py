@@ -18,6 +18,7 @@ from torch import nn
 from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight
 from compress.core.scheme import QuantScheme
+from compress.core.sparsity import BITMASK_SUFFIXES, from_bitmask
 from compress.core.targets import matches
 from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
@@ -160,6 +161,7 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
     if quant_config is not None:
         tensors, quant_config = _from_gptq_if_needed(tensors, origin, quant_config)
         _check_quant_config(quant_config)
+    tensors = _densify_bitmasks(tensors, origin)
     packed_names = sorted(n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed"))
     for name in packed_names:
         try:
@@ -228,8 +230,30 @@ def _check_quant_config(quant_config) -> None:
         raise CompressError(f"quantization_config.quant_method {method!r} is not supported "
                             "(expected compressed-tensors or gptq)")
     fmt = quant_config.get("format")
-    if fmt != "pack-quantized":
-        raise CompressError(f"compressed-tensors format {fmt!r} is not supported yet (expected pack-quantized)")
+    if fmt not in ("pack-quantized", "dense"):
+        raise CompressError(f"compressed-tensors format {fmt!r} is not supported yet (expected pack-quantized "
+                            "or dense)")
+    sparsity = quant_config.get("sparsity_config") or {}
+    if not isinstance(sparsity, dict) or sparsity.get("format", "dense") not in ("dense", "sparse-bitmask"):
+        raise CompressError("quantization_config.sparsity_config must be empty or use the dense or "
+                            "sparse-bitmask format")
+
+
+def _densify_bitmasks(tensors: dict[str, torch.Tensor], origin: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``P.{shape,compressed,bitmask,row_offsets}`` (sparse-bitmask) → the dense ``P.weight`` with its zeros."""
+    prefixes = sorted(n[: -len(".bitmask")] for n in tensors if n.endswith(".bitmask"))
+    for prefix in prefixes:
+        parts = {}
+        for suffix in BITMASK_SUFFIXES:
+            parts[suffix] = tensors.pop(f"{prefix}.{suffix}", None)
+        file = origin.get(f"{prefix}.bitmask", "?")
+        try:
+            dense = from_bitmask({k: v for k, v in parts.items() if v is not None}, prefix)
+        except CompressError as error:
+            raise CompressError(f"{str(error).rstrip('.')} (in {file})") from None
+        tensors[f"{prefix}.weight"] = dense
+        origin[f"{prefix}.weight"] = file
+    return tensors
 
 
 def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, str], folder: Path) -> None:

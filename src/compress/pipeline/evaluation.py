@@ -47,7 +47,7 @@ def _has_packed_tensors(folder: Path) -> bool:
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:
-                if any(k.endswith((".weight_packed", ".qweight")) for k in handle.keys()):  # noqa: SIM118
+                if any(k.endswith((".weight_packed", ".qweight", ".bitmask")) for k in handle.keys()):  # noqa: SIM118
                     return True
         except (SafetensorError, OSError):
             return True  # let compress.load name the broken file

@@ -43,11 +43,21 @@ FLAG_FIELDS: dict[str, str] = {
     "stages.*.static_groups": "--static-groups",
     "stages.*.observer": "--observer",
     "stages.*.indivisible": "--indivisible",
+    "stages.*.sparsity": "--sparsity",
+    "stages.*.pattern": "--pattern",
+    "stages.*.per_layer": "--per-layer-sparsity",
+    "stages.*.target": "--structured",
+    "stages.*.ratio": "--ratio",
 }
 
 
-# fields every weight quantizer has; switching --method keeps these from the base recipe
-_SHARED_STAGE_FIELDS = ("bits", "group_size", "symmetric", "ignore", "observer", "indivisible")
+def _fields_of(method: str) -> set[str] | None:
+    """The stage fields ``method``'s config accepts (None for an unknown method: validation names it)."""
+    from compress.passes import PASSES
+
+    if method not in PASSES:
+        return None
+    return set(PASSES.get(method).config_cls.model_fields) - {"method"}
 
 
 def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +71,9 @@ def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
             stages = data.setdefault("stages", [{}])
             for stage in stages:
                 if parts[-1] == "method" and stage.get("method") != value:
-                    # a different method keeps only the fields every weight quantizer shares
-                    keep = {k: stage[k] for k in _SHARED_STAGE_FIELDS if k in stage}
+                    # a different method keeps only the base recipe's fields that it also has
+                    accepted = _fields_of(value) or set()
+                    keep = {k: v for k, v in stage.items() if k in accepted}
                     stage.clear()
                     stage.update(keep)
                 stage[parts[-1]] = value
