@@ -107,6 +107,7 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
         tick = time.perf_counter()
         structure = prune_structured(model, whole, calibration_ids, device=device, progress=progress)
         pruned_parameters = parameter_count(model)
+        all_linears, in_blocks = list(find_linears(model)), select_layers(model, ignore=())  # before quantizing
         results = []
         if layerwise:
             layer_plan = [(p, select_layers(model, ignore=p.config.ignore)) for p in layerwise]
@@ -118,7 +119,7 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        _export(model, loaded, staging, recipe, list(find_linears(model)), select_layers(model, ignore=()))
+        _export(model, loaded, staging, recipe, all_linears, in_blocks)
         timings["export_s"] = time.perf_counter() - tick
         del model, loaded
 
