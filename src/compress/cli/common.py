@@ -19,7 +19,9 @@ from compress.cli._output import (
 
 
 def execute_recipe(source: str, flags: dict[str, Any], *, overrides: list[str], overwrite: bool, dry_run: bool,
-                   as_json: bool) -> None:
+                   as_json: bool, resume: bool = False) -> None:
+    """Build the Recipe, then plan it (``dry_run``) or run it; ``resume`` checkpoints every block and
+    continues an interrupted run of the same recipe (every command that runs a recipe gets it from here)."""
     from compress.recipes.flags import recipe_from_flags
     from compress.recipes.loader import apply_overrides, load_recipe_data
 
@@ -34,7 +36,7 @@ def execute_recipe(source: str, flags: dict[str, Any], *, overrides: list[str], 
 
     start = time.perf_counter()
     with progress_bars(enabled=not as_json) as progress:
-        result = run(recipe, overwrite=overwrite, progress=progress, log=log)
+        result = run(recipe, overwrite=overwrite, progress=progress, log=log, resume=resume)
     payload = result.to_dict()
     payload["timings"]["wall_s"] = time.perf_counter() - start
     if as_json:

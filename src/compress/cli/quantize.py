@@ -34,6 +34,8 @@ def quantize(
                                              "(default) or gptq."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    resume: bool = typer.Option(False, help="Save each finished block; re-run the same command with --resume "
+                                "after an interrupt to continue from the last saved block."),
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     dtype: str | None = typer.Option(None, help="auto, float32, float16 or bfloat16."),
     seed: int | None = typer.Option(None, help="Seed for calibration sampling."),
@@ -61,4 +63,4 @@ def quantize(
         "trust_remote_code": trust_remote_code or None, "allow_pickle": allow_pickle or None,
     }
     execute_recipe(recipe or "w4a16-gptq", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
-                   as_json=as_json)
+                   as_json=as_json, resume=resume)

@@ -40,8 +40,9 @@ from compress.models.blocks import find_blocks, find_linears, select_layers
 from compress.models.load import LoadedModel, load_model, load_model_streaming, resolve_model_source
 from compress.passes import PASSES, LayerPass
 from compress.pipeline.evaluation import context_length, evaluate_artifact, is_compressed
-from compress.pipeline.output_dir import staging_dir
-from compress.pipeline.sequential import check_layers, run_layerwise
+from compress.pipeline.output_dir import partial_dir, staging_dir
+from compress.pipeline.resume import open_checkpoint, resumable_sweep
+from compress.pipeline.sequential import check_layers
 from compress.recipes.loader import dump_recipe
 from compress.recipes.schema import Recipe, parse_size
 
@@ -105,11 +106,14 @@ def plan(recipe: Recipe, model: torch.nn.Module) -> list[tuple[LayerPass, list[s
 
 
 def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = False,
-        progress: Progress | None = None, log: Log | None = None) -> RunResult:
+        progress: Progress | None = None, log: Log | None = None, resume: bool = False) -> RunResult:
     """Run ``recipe`` and write the artifact to ``out_dir`` (default: ``recipe.output`` or
-    ``./compressed/<model>-<scheme>``)."""
+    ``./compressed/<model>-<scheme>``). ``resume``: checkpoint every block and continue an interrupted
+    run of the same recipe (``compress.pipeline.resume``)."""
     from compress.pipeline.structured import is_structured, run_structured  # it builds on this module
 
+    if is_structured(recipe) and resume:
+        raise CompressError("--resume is not supported for structured pruning yet; run without it")
     if is_structured(recipe):  # whole-model stages change the shape: their own sweep, same artifact
         return run_structured(recipe, out_dir, overwrite=overwrite, progress=progress, log=log)
     say = log or (lambda message: None)
@@ -120,7 +124,10 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
     source = resolve_model_source(recipe.model)
     refuse_compressed(source)
 
-    with staging_dir(target, overwrite) as staging:
+    if not resume and partial_dir(target).is_dir():
+        say(f"ignoring the interrupted run in {partial_dir(target)} (pass --resume to continue it)")
+    with staging_dir(target, overwrite, resumable=resume) as staging:
+        checkpoint = open_checkpoint(partial_dir(target), _recorded(recipe).model_dump(mode="json"), resume)
         tick = time.perf_counter()
         if progress is not None:
             progress("load model", 0, 1)
@@ -140,11 +147,13 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         tick = time.perf_counter()
         calibration, calibration_ids = _calibrate(recipe, loaded, say, progress)
         timings["calibration_s"] = time.perf_counter() - tick
+        if checkpoint is not None:
+            checkpoint.check_calibration(calibration["fingerprint"])
 
         tick = time.perf_counter()
         with torch.inference_mode():
-            results = run_layerwise(model, block_path, blocks, layer_plan, device=device,
-                                    input_ids=calibration_ids, prepare_block=prepare_block, progress=progress)
+            results = resumable_sweep(model, block_path, blocks, layer_plan, checkpoint, log=say, device=device,
+                                      input_ids=calibration_ids, prepare_block=prepare_block, progress=progress)
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()

@@ -21,6 +21,7 @@ from compress.core.errors import CompressError
 from compress.passes.base import LayerPass
 
 Progress = Callable[[str, int, int], None]
+BlockDone = Callable[[int, nn.Module, list["LayerResult"], "list[torch.Tensor] | None"], None]
 
 
 @dataclass
@@ -35,7 +36,7 @@ class LayerResult:
     rel_weight_error: float | None
 
 
-def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, new)
@@ -131,10 +132,16 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                   plan: Sequence[tuple[LayerPass, list[str]]], *, device: torch.device,
                   input_ids: torch.Tensor | None = None, offload: torch.device | None = None,
                   prepare_block: Callable[[int], None] | None = None,
-                  progress: Progress | None = None) -> list[LayerResult]:
+                  progress: Progress | None = None, start_block: int = 0,
+                  start_hidden: list[torch.Tensor] | None = None,
+                  on_block: BlockDone | None = None) -> list[LayerResult]:
     """Apply each pass to its layers, block by block, swapping in the modules the passes return.
 
     ``prepare_block(i)`` is called right before block ``i`` is used (streaming loads read its weights then).
+    Resuming (``compress.pipeline.resume``): blocks before ``start_block`` are already compressed and are
+    skipped; ``start_hidden`` are the inputs of block ``start_block``. ``on_block(i, block, results,
+    next_hidden)`` runs after each block is done and before its progress is reported, so a checkpoint
+    written there survives an interrupt raised by the progress callback.
     """
     calibrated = any(p.needs_calibration for p, _ in plan)
     inputs: list[BlockInput] = []
@@ -142,11 +149,16 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
         if input_ids is None:
             raise CompressError("this method needs calibration data")
         inputs = capture_block_inputs(model, blocks, input_ids, device=device, offload=offload, progress=progress)
+        if start_hidden is not None:  # the masks and rotary arguments are recomputed; the hidden states restored
+            inputs = [item.with_hidden(h) for item, h in zip(inputs, start_hidden, strict=True)]
     per_pass = [(p, _by_block(names, block_path)) for p, names in plan]
     results: list[LayerResult] = []
     total = len(blocks)
     store = offload or torch.device("cpu")
     for index, block in enumerate(blocks):
+        if index < start_block:
+            continue
+        done_before = len(results)
         if prepare_block is not None:
             prepare_block(index)
         home = next((p.device for p in block.parameters()), torch.device("cpu"))
@@ -171,13 +183,16 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                         in_features=linear.in_features, out_features=linear.out_features,
                         rel_weight_error=_relative_error(original, replacement),
                     ))
-                    _swap(model, name, replacement)
+                    swap_module(model, name, replacement)
                     stat = stats.get(name)
                     if stat is not None and hasattr(stat, "free"):
                         stat.free()
         if calibrated and index + 1 < total:
             inputs = [item.with_hidden(block_output(block, item.to(device)).to(store)) for item in inputs]
         block.to(home)
+        if on_block is not None:
+            propagated = calibrated and index + 1 < total
+            on_block(index, block, results[done_before:], [item.hidden for item in inputs] if propagated else None)
         if progress is not None:
             progress("compress blocks", index + 1, total)
     return results
