@@ -23,6 +23,7 @@ from compress.core.targets import matches
 from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear
+from compress.models.safety import check_checkpoint_folder
 
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 
@@ -40,23 +41,9 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The shard files of a checkpoint, validated: index entries must stay inside the folder."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CompressError(f"shard index {index} has no weight_map")
-        names = sorted(set(weight_map.values()))
-        files = []
-        for name in names:
-            candidate = Path(str(name))
-            if not isinstance(name, str) or candidate.is_absolute() or ".." in candidate.parts or len(candidate.parts) != 1:
-                raise CompressError(f"shard index {index} names {name!r}, which is not a file inside the checkpoint")
-            if not (path / candidate).is_file():
-                raise CompressError(f"shard {name} listed in {index.name} is missing from {path}")
-            files.append(path / candidate)
-        return files
-    files = sorted(path.glob("*.safetensors"))
+    """The shard files of a checkpoint, validated before any tensor is read: index entries must be plain
+    file names inside the folder, and every safetensors header must be consistent (``models.safety``)."""
+    files = check_checkpoint_folder(path)
     if not files:
         raise CompressError(f"{path} has no .safetensors weights")
     return files
@@ -144,17 +131,21 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
         raise CompressError(f"checkpoint {folder} is a file; expected a folder with config.json")
     config_data = read_json(folder / "config.json", "config")
     quant_config = config_data.get("quantization_config")
+    files = weight_files(folder)  # index and headers checked before transformers or safetensors read anything
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a bad config
         raise CompressError(f"config.json in {folder} cannot be read by transformers ({_short(error)})") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    files = weight_files(folder)
     tensors, origin = read_tensors(files)
 
     requested_kernel(kernel)  # an unknown name fails before any weight is read
-    model = build_empty_model(config)
+    try:
+        model = build_empty_model(config)
+    except Exception as error:  # a config transformers parses but cannot build (sizes that do not divide, ...)
+        raise CompressError(f"config.json in {folder} describes a model transformers cannot build "
+                            f"({_short(error)})") from None
     converted = set(convert_conv1d_to_linear(model))
     if quant_config is None and any(n.endswith((".weight_packed", ".qweight")) for n in tensors):
         raise CompressError(f"{folder} holds packed weights but config.json has no quantization_config")

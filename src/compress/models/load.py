@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import (
 
 from compress.core.errors import CompressError
 from compress.models.lazy import LazyWeights
+from compress.models.safety import check_checkpoint_folder
 
 __all__ = [
     "DEMO_MODEL_DIR",
@@ -195,8 +196,19 @@ def load_tokenizer(spec: str | None, *, trust_remote_code: bool = False) -> PreT
         raise CompressError(f"model '{shown}' has no usable tokenizer: {_reason(exc)}") from exc
 
 
+def _check_folder(spec: str, folder: Path) -> None:
+    try:
+        check_checkpoint_folder(folder)
+    except CompressError as error:
+        raise CompressError(f"could not read the weights of model '{spec}': {error}") from None
+
+
 def _weights_policy(spec: str, folder: Path, allow_pickle: bool) -> bool:
-    """``use_safetensors`` for a local folder; refuses folders without weights and, unless allowed, pickle."""
+    """``use_safetensors`` for a local folder; refuses folders without weights and, unless allowed, pickle.
+
+    Shard indexes and safetensors headers are validated here, before transformers reads any of them.
+    """
+    _check_folder(spec, folder)
     if any(folder.glob("*.safetensors")):
         return True
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -296,6 +308,7 @@ def load_model_streaming(
     folder = Path(source)
     if not _is_local(source) or not any(folder.glob("*.safetensors")):
         return None
+    _check_folder(spec if spec is not None else DEMO_NAME, folder)
     config = load_config(spec, trust_remote_code=trust_remote_code)
     kind = model_kind(config)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
