@@ -61,6 +61,8 @@ def read_yaml(path: Path) -> Any:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise CompressError(f"recipe file {path} is not valid YAML{where}") from None
+    except RecursionError:  # e.g. thousands of nested brackets: the parser recurses per level
+        raise CompressError(f"recipe file {path} nests too deeply to be a recipe") from None
 
 
 def preset_names() -> list[str]:
@@ -97,7 +99,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise CompressError(f"--set expects key.path=value, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise CompressError(f"--set {key}: value {raw!r} is not valid YAML") from None
         _set_path(result, key.split("."), value, item)
     return result
