@@ -138,3 +138,18 @@ def test_block_change_is_zero_for_identity_and_blocks_to_drop_takes_the_smallest
     change.add(h, h * 3)  # a scaled copy points the same way
     assert change.score() == pytest.approx(0.0, abs=1e-6)
     assert StructuredPrune.blocks_to_drop([0.3, 0.1, 0.2, 0.05], 2) == [1, 3]
+
+
+def test_head_cut_skips_counts_the_family_config_refuses():
+    """transformers' LlamaConfig requires hidden_size % num_attention_heads == 0 (Qwen2's does not), so on
+    hidden 1024 with 16 heads / 4 KV the 25% cut (12 heads) is not loadable: the nearest loadable one is taken."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from compress.models.structure import head_refusal
+
+    shape = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64}
+    layer_pass = _pass(target="heads", ratio=0.25)
+    assert layer_pass.head_cut(16, 4, head_refusal(LlamaConfig(**shape))) == HeadCut(per_group=2, groups=0)
+    assert layer_pass.head_cut(16, 4, head_refusal(Qwen2Config(**shape))) == HeadCut(per_group=1, groups=0)
+    with pytest.raises(CompressError, match="no GQA-consistent cut .* accepts \\(nope\\)"):
+        layer_pass.head_cut(16, 4, lambda heads, kv: "nope")

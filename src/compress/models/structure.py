@@ -9,6 +9,7 @@ a target only where the pruned shape is expressible by its config alone: removin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -16,8 +17,8 @@ from torch import nn
 from compress.core.errors import CompressError
 from compress.models.blocks import find_blocks
 
-__all__ = ["Layout", "layout_of", "get_layer", "set_layer", "head_counts", "set_mlp_width", "set_heads",
-           "sync_attention", "drop_blocks"]
+__all__ = ["Layout", "layout_of", "get_layer", "set_layer", "head_counts", "config_refusal", "head_refusal",
+           "set_mlp_width", "set_heads", "sync_attention", "drop_blocks"]
 
 _PER_LAYER_KEYS = ("layer_types",)
 """Config lists with one entry per block (sliding vs full attention), sliced when blocks are dropped."""
@@ -83,6 +84,26 @@ def head_counts(config) -> tuple[int, int, int]:
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return heads, kv, head_dim
+
+
+def config_refusal(config, **changes) -> str | None:
+    """Why transformers would refuse ``config`` with ``changes`` applied (its own validation, e.g. Llama's
+    ``hidden_size % num_attention_heads``), or None: a pruned shape must stay loadable with no custom code."""
+    data = config.to_dict()
+    data.update(changes)
+    try:
+        type(config).from_dict(data)
+    except Exception as error:  # transformers raises its own validation error types
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return (lines[-1] if lines else type(error).__name__).removeprefix("ValueError: ").rstrip(".")
+    return None
+
+
+def head_refusal(config) -> Callable[[int, int], str | None]:
+    """``refuses(heads, kv)`` for ``StructuredPrune.head_cut``: the config's verdict on a head count."""
+    head_dim = head_counts(config)[2]
+    return lambda heads, kv: config_refusal(config, num_attention_heads=heads, num_key_value_heads=kv,
+                                            head_dim=head_dim)
 
 
 def set_mlp_width(model: nn.Module, layout: Layout, width: int) -> None:

@@ -22,6 +22,7 @@ from compress.models.structure import (
     drop_blocks,
     get_layer,
     head_counts,
+    head_refusal,
     layout_of,
     set_heads,
     set_layer,
@@ -43,7 +44,7 @@ def check_feasible(config, layer_pass: StructuredPrune) -> None:
         layer_pass.channels_removed(int(width))
     elif target == "heads":
         heads, kv, _ = head_counts(config)
-        layer_pass.head_cut(heads, kv)
+        layer_pass.head_cut(heads, kv, head_refusal(config))
     else:
         layer_pass.blocks_removed(int(getattr(config, layout.layers_key)))
 
@@ -86,7 +87,7 @@ def _shrink(model: nn.Module, layer_pass: StructuredPrune, layout: Layout, input
         removed = layer_pass.channels_removed(width)
     else:
         heads, kv, head_dim = head_counts(model.config)
-        cut = layer_pass.head_cut(heads, kv)
+        cut = layer_pass.head_cut(heads, kv, head_refusal(model.config))
         new_heads = heads - cut.removed_heads(heads, kv)
         new_kv = kv - cut.groups
     inputs = capture_block_inputs(model, blocks, input_ids, device=device, progress=progress)

@@ -12,6 +12,7 @@ The pass decides and slices; ``compress.pipeline.structured`` runs the calibrati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -85,8 +86,13 @@ class StructuredPrune(ModelPass):
                                 f"{intermediate} MLP channels of a layer")
         return removed
 
-    def head_cut(self, num_heads: int, num_kv: int) -> HeadCut:
-        """The cut applied to every layer: the GQA-consistent one closest to ``ratio × num_heads``."""
+    def head_cut(self, num_heads: int, num_kv: int,
+                 refuses: Callable[[int, int], str | None] | None = None) -> HeadCut:
+        """The cut applied to every layer: the GQA-consistent one closest to ``ratio × num_heads``.
+
+        ``refuses(heads, kv)`` says why the model's config could not hold a cut (transformers validates some
+        families' configs, e.g. Llama requires ``hidden_size`` to be a multiple of the head count), or None.
+        """
         if num_kv < 1 or num_heads % num_kv:
             raise CompressError(f"{num_heads} attention heads do not split into {num_kv} KV groups")
         wanted = max(1, round((self.config.ratio or 0) * num_heads))
@@ -103,7 +109,13 @@ class StructuredPrune(ModelPass):
             how = {"query": "query heads from each KV group", "kv": "whole KV groups"}.get(mode, "heads")
             raise CompressError(f"cannot remove {how} from {num_heads} attention heads in {num_kv} KV groups "
                                 "and keep at least one (GQA groups must stay equal)")
-        return min(cuts, key=lambda c: (abs(c.removed_heads(num_heads, num_kv) - wanted), c.groups))
+        reasons = {c: refuses(num_heads - c.removed_heads(num_heads, num_kv), num_kv - c.groups)
+                   for c in cuts} if refuses is not None else {}
+        accepted = [c for c in cuts if reasons.get(c) is None]
+        if not accepted:
+            raise CompressError(f"no GQA-consistent cut of {num_heads} attention heads in {num_kv} KV groups "
+                                f"gives a config the model's family accepts ({reasons[cuts[0]]})")
+        return min(accepted, key=lambda c: (abs(c.removed_heads(num_heads, num_kv) - wanted), c.groups))
 
     def blocks_removed(self, num_layers: int) -> int:
         removed = self.config.num_blocks or max(1, round((self.config.ratio or 0) * num_layers))
