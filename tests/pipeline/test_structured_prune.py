@@ -240,3 +240,12 @@ def test_structured_after_a_layerwise_stage_is_refused(family_dir, corpus, tmp_p
     with pytest.raises(CompressError, match="must come before layer-wise stages"):
         compress.run(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_refuses_what_the_run_would(family_dir, corpus):
+    from compress.pipeline.run import dry_run
+
+    with pytest.raises(CompressError, match="every one of the 4 attention heads"):
+        dry_run(_recipe(family_dir("llama"), corpus, {"target": "heads", "ratio": 0.9}))
+    plan = dry_run(_recipe(family_dir("llama"), corpus, {"target": "channels", "ratio": 0.25}))
+    assert plan["stages"][0]["scheme"] == "channels25"

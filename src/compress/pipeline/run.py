@@ -306,8 +306,12 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     from compress.models.blocks import plan_layers
     from compress.models.load import load_config
 
+    from compress.pipeline.structured import check_structured, is_structured
+
     source = resolve_model_source(recipe.model)
     refuse_compressed(source)
+    if is_structured(recipe):  # the refusals a structured run would hit, decided from the config too
+        check_structured(recipe, source)
     config = load_config(source, trust_remote_code=recipe.trust_remote_code)
     stages = []
     for layer_pass in build_passes(recipe):
