@@ -305,7 +305,6 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe and the layers it would touch, from the config alone (no weights loaded)."""
     from compress.models.blocks import plan_layers
     from compress.models.load import load_config
-
     from compress.pipeline.structured import check_structured, is_structured
 
     source = resolve_model_source(recipe.model)
