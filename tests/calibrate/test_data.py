@@ -144,17 +144,26 @@ def test_hub_unreachable() -> None:
 # --- token streams and windows --------------------------------------------------------------------------------------
 
 
-def test_tokenize_stream_joins_with_eos(tiny_tokenizer, tiny_encoder_tokenizer) -> None:
+def test_tokenize_stream_frames_documents_like_pretraining(tiny_tokenizer, tiny_encoder_tokenizer) -> None:
     stream = tokenize_stream(tiny_tokenizer, ["the cat", "the dog"])
-    a = tiny_tokenizer("the cat", add_special_tokens=False).input_ids
-    b = tiny_tokenizer("the dog", add_special_tokens=False).input_ids
+    a = tiny_tokenizer("the cat").input_ids  # with the tokenizer's own framing (BOS where it adds one)
+    b = tiny_tokenizer("the dog").input_ids
     assert stream.dtype == torch.long
-    assert stream.tolist() == a + [tiny_tokenizer.eos_token_id] + b
-    assert tiny_tokenizer.bos_token_id not in stream.tolist()
+    eos = tiny_tokenizer.eos_token_id
+    assert stream.tolist() == a + ([] if a[-1] == eos else [eos]) + b
     enc = tokenize_stream(tiny_encoder_tokenizer, ["the cat", "the dog"]).tolist()
-    assert (
-        enc.count(tiny_encoder_tokenizer.sep_token_id) == 1 and tiny_encoder_tokenizer.cls_token_id not in enc
-    )
+    ea, eb = tiny_encoder_tokenizer("the cat").input_ids, tiny_encoder_tokenizer("the dog").input_ids
+    sep = tiny_encoder_tokenizer.sep_token_id  # encoders have no EOS: SEP separates documents
+    assert enc == ea + ([] if ea[-1] == sep else [sep]) + eb
+
+
+def test_tokenize_stream_adds_bos_for_llama_style_tokenizers() -> None:
+    from compress.models.load import DEMO_MODEL_DIR, load_tokenizer
+
+    tok = load_tokenizer(str(DEMO_MODEL_DIR))
+    stream = tokenize_stream(tok, ["hello world", "a second document"]).tolist()
+    assert stream[0] == tok.bos_token_id and stream.count(tok.bos_token_id) == 2
+    assert stream[stream.index(tok.bos_token_id, 1) - 1] == tok.eos_token_id  # </s> <s> between documents
 
 
 def test_calibration_samples_deterministic(tiny_tokenizer, corpus_jsonl: Path) -> None:
