@@ -20,8 +20,8 @@ parameters, tokens, time, held-out / unigram ppl, sensitivity table) go to ``--o
 come from the same deterministic code path as the demo's (the run fails if the re-trained tokenizer.json
 differs from the shipped one), so both models are scored on the same held-out text:
 
-    python scripts/train_demo_model.py --no-assets --arch qwen2 --hidden 256 --intermediate 768 --layers 6 \
-        --heads 4 --kv-heads 2 --steps 900 --out benchmarks/models/qwen2-256
+    python scripts/train_demo_model.py --no-assets --arch qwen2 --hidden 256 --intermediate 512 --layers 4 \
+        --heads 4 --kv-heads 2 --steps 700 --time-budget 1300 --out benchmarks/models/qwen2-256
     python scripts/train_demo_model.py --no-assets --check --out benchmarks/models/qwen2-256   # re-check
 
 ``--skip-check`` (with ``--no-assets``) skips the evaluation, for smoke tests.
@@ -488,6 +488,8 @@ def main() -> None:
     )
     p.add_argument("--skip-check", action="store_true", help="skip the evaluation (needs --no-assets)")
     args = p.parse_args()
+    if args.hidden % 128 or args.intermediate % 128:
+        p.error("--hidden and --intermediate must be multiples of 128 so that group size 128 divides every layer")
     if args.no_assets and args.out.resolve() == DEMO_OUT.resolve():
         p.error("--no-assets needs an --out other than the shipped demo model directory")
     if args.skip_check and not args.no_assets:
