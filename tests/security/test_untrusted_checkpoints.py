@@ -147,3 +147,13 @@ def test_remote_code_is_off_unless_asked(tiny, tmp_path):
     loaded = load_model(str(folder))  # the auto_map is ignored: the built-in Llama class is used
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
+
+
+def test_corrupt_source_weights_are_named_not_taken_for_a_compressed_checkpoint(tiny, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    result = runner.invoke(app, ["quantize", str(folder), "--method", "rtn", "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "corrupt or truncated" in result.stderr and "already a compressed" not in result.stderr

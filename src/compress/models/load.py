@@ -196,7 +196,7 @@ def load_tokenizer(spec: str | None, *, trust_remote_code: bool = False) -> PreT
         raise CompressError(f"model '{shown}' has no usable tokenizer: {_reason(exc)}") from exc
 
 
-def _check_folder(spec: str, folder: Path) -> None:
+def check_model_folder(spec: str, folder: Path) -> None:
     try:
         check_checkpoint_folder(folder)
     except CompressError as error:
@@ -208,7 +208,7 @@ def _weights_policy(spec: str, folder: Path, allow_pickle: bool) -> bool:
 
     Shard indexes and safetensors headers are validated here, before transformers reads any of them.
     """
-    _check_folder(spec, folder)
+    check_model_folder(spec, folder)
     if any(folder.glob("*.safetensors")):
         return True
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -308,7 +308,7 @@ def load_model_streaming(
     folder = Path(source)
     if not _is_local(source) or not any(folder.glob("*.safetensors")):
         return None
-    _check_folder(spec if spec is not None else DEMO_NAME, folder)
+    check_model_folder(spec if spec is not None else DEMO_NAME, folder)
     config = load_config(spec, trust_remote_code=trust_remote_code)
     kind = model_kind(config)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)

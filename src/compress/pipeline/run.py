@@ -37,7 +37,13 @@ from compress.export.gptq import (
 )
 from compress.export.manifest import tool_version, write_manifest
 from compress.models.blocks import find_blocks, find_linears, select_layers
-from compress.models.load import LoadedModel, load_model, load_model_streaming, resolve_model_source
+from compress.models.load import (
+    LoadedModel,
+    check_model_folder,
+    load_model,
+    load_model_streaming,
+    resolve_model_source,
+)
 from compress.passes import PASSES, LayerPass
 from compress.pipeline.evaluation import context_length, evaluate_artifact, is_compressed
 from compress.pipeline.output_dir import partial_dir, staging_dir
@@ -223,6 +229,8 @@ def _load(recipe: Recipe, source: str) -> tuple[LoadedModel, Callable[[int], Non
 
 
 def refuse_compressed(source: str) -> None:
+    if Path(source).is_dir():  # corrupt weights are named as such, not mistaken for a compressed checkpoint
+        check_model_folder(source, Path(source))
     if is_compressed(source):
         raise CompressError(f"model {source} is already a compressed checkpoint; compress its original model instead")
 
