@@ -156,4 +156,4 @@ def test_corrupt_source_weights_are_named_not_taken_for_a_compressed_checkpoint(
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     result = runner.invoke(app, ["quantize", str(folder), "--method", "rtn", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "corrupt or truncated" in result.stderr and "already a compressed" not in result.stderr
+    assert "truncated or corrupt" in result.stderr and "already a compressed" not in result.stderr
