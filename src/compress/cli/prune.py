@@ -51,6 +51,8 @@ def prune(
     ignore: list[str] | None = typer.Option(None, help="Layer name pattern to leave dense (repeatable)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    resume: bool = typer.Option(False, help="Save each finished block; re-run the same command with --resume "
+                                "after an interrupt to continue from the last saved block."),
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     dtype: str | None = typer.Option(None, help="auto, float32, float16 or bfloat16."),
     seed: int | None = typer.Option(None, help="Seed for calibration sampling."),
@@ -86,4 +88,4 @@ def prune(
         "allow_pickle": allow_pickle or None,
     }
     execute_recipe(recipe or "sparse50-sparsegpt", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
-                   as_json=as_json)
+                   as_json=as_json, resume=resume)
