@@ -74,3 +74,37 @@ def test_failed_gate_exits_3_saying_by_how_much(inputs, tmp_path):
     ppl = gates["max_ppl_increase"]
     if ppl["value"] > 0:
         assert ppl["passed"] is False and "points" in ppl["message"]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(inputs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    model, corpus = inputs
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli.main", "quantize", str(model), "--group-size", "32",
+                             "--dataset", str(corpus), "--num-samples", "64", "--seq-len", "64", "--eval-dataset",
+                             str(corpus), "--device", "cpu", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".killed.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".killed*"))
+
+
+def test_temporary_folders_of_killed_runs_are_removed(inputs, tmp_path):
+    model, corpus = inputs
+    orphan = tmp_path / ".out.tmp-999999999"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"half")
+    result = quantize(model, corpus, tmp_path / "out", "--method", "rtn", "--no-eval")
+    assert result.exit_code == 0, result.output
+    assert not orphan.exists()

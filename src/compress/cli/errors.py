@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,6 +27,7 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
         quiet_libraries()
+        previous = _terminate_as_interrupt()
         try:
             return func(*args, **kwargs)
         except typer.Exit:
@@ -44,8 +47,22 @@ def handle_errors(func: F) -> F:
                 traceback.print_exc()
             message = f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             _fail(message + " (set COMPRESS_DEBUG=1 for the traceback)", 1, as_json)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so temporary folders are cleaned up too."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:

@@ -33,6 +33,24 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
         raise CompressError(f"output {out_dir} exists and is not empty; pass --overwrite to replace it")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def _remove_orphans(out_dir: Path) -> None:
+    """Temporary folders of earlier runs for this output that were killed (SIGKILL runs no cleanup)."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
 def staging_dir(out_dir: Path, overwrite: bool, *, resumable: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out_dir``, on any error it is removed
@@ -43,6 +61,7 @@ def staging_dir(out_dir: Path, overwrite: bool, *, resumable: bool = False) -> I
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CompressError(f"cannot create the output folder's parent {parent} ({error.strerror})") from None
+    _remove_orphans(out_dir)
     partial = partial_dir(out_dir)
     staging = partial / "artifact" if resumable else parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if staging.exists():  # a resumed run redoes the export from the restored blocks
