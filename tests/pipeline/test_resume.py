@@ -101,6 +101,18 @@ def test_resume_refuses_another_recipe_and_keeps_the_state(model4, corpus, tmp_p
     assert (partial_dir(out) / "progress.json").is_file() and not out.exists()
 
 
+def test_eval_settings_can_change_between_interrupt_and_resume(model4, corpus, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress.run(recipe_for(model4, corpus, "rtn"), out, resume=True, progress=interrupt_after(3))
+    changed = recipe_for(model4, corpus, "rtn").model_copy(
+        update={"eval": recipe_for(model4, corpus, "rtn").eval.model_copy(update={"max_windows": 1})})
+    seen: list[int] = []
+    compress.run(changed, out, resume=True,
+                 progress=lambda label, done, total: seen.append(done) if label == "compress blocks" else None)
+    assert seen == [4] and json.loads((out / "report.json").read_text())["eval"]["windows"] == 1
+
+
 def test_without_resume_the_partial_run_is_ignored(model4, corpus, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):

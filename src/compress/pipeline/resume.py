@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,9 +36,15 @@ from compress.pipeline.sequential import LayerResult, swap_module
 _VERSION = 1
 
 
+SWEEP_FIELDS = ("model", "dtype", "device", "trust_remote_code", "allow_pickle", "calibration", "stages")
+"""The recipe fields the saved blocks depend on. Export and eval settings are left out on purpose: they are
+redone after the sweep from the current recipe, so fixing e.g. a wrong eval dataset keeps the blocks."""
+
+
 def recipe_hash(recipe: dict[str, Any]) -> str:
-    """sha256 of the recorded recipe (output path excluded by the caller), key order irrelevant."""
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    """sha256 of the recipe fields that decide the sweep (``SWEEP_FIELDS``), key order irrelevant."""
+    decisive = {key: recipe.get(key) for key in SWEEP_FIELDS}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 
 
 def _plain_attrs(module: nn.Module) -> dict[str, Any]:
@@ -168,6 +175,9 @@ class SweepCheckpoint:
             desc = describe(model.get_submodule(result.name))
             if desc is None:  # a layer type this version cannot rebuild: stop saving, keep what is consistent
                 self.enabled = False
+                logging.getLogger("compress").warning(
+                    "--resume cannot save layers of type %s; later blocks are not checkpointed",
+                    type(model.get_submodule(result.name)).__name__)
                 return
             modules[result.name] = desc
         file = f"block-{index:05d}.safetensors"
