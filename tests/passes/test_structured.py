@@ -18,6 +18,7 @@ from compress.passes.prune.structured_math import (
     head_cuts,
     head_scores,
     keep_top,
+    refit,
     slice_cols,
     slice_rows,
 )
@@ -153,3 +154,30 @@ def test_head_cut_skips_counts_the_family_config_refuses():
     assert layer_pass.head_cut(16, 4, head_refusal(Qwen2Config(**shape))) == HeadCut(per_group=1, groups=0)
     with pytest.raises(CompressError, match="no GQA-consistent cut .* accepts \\(nope\\)"):
         layer_pass.head_cut(16, 4, lambda heads, kv: "nope")
+
+
+def test_refit_recovers_what_the_removed_inputs_carried():
+    """Input 3 is a mix of inputs 0 and 1: dropping it and refitting loses (almost) nothing; plain slicing does."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    x[:, 3] = 0.5 * x[:, 0] - 2 * x[:, 1]
+    w = torch.randn(6, 4)
+    gram = x.double().T @ x.double()
+    keep = torch.tensor([0, 1, 2])
+    refit_w = refit(w, gram, keep, damp=1e-8)
+    target = x @ w.T
+    refit_error = (x[:, keep] @ refit_w.T - target).norm() / target.norm()
+    sliced_error = (x[:, keep] @ w[:, keep].T - target).norm() / target.norm()
+    assert refit_error < 1e-5 < sliced_error
+
+
+def test_full_gram_statistics_match_the_cheap_ones():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    cheap, full = ChannelEnergy(8), ChannelEnergy(8, full=True)
+    heads, heads_full = HeadGram(2, 4), HeadGram(2, 4, full=True)
+    for stat in (cheap, full, heads, heads_full):
+        stat.add_batch(x)
+    torch.testing.assert_close(full.sum_sq, cheap.sum_sq, rtol=1e-5, atol=1e-6)  # fp32 sums
+    torch.testing.assert_close(heads_full.gram, heads.gram, rtol=1e-5, atol=1e-6)
+    assert cheap.gram is None and full.gram.shape == (8, 8) and heads_full.full_gram.shape == (8, 8)

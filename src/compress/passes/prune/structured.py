@@ -2,7 +2,8 @@
 
 Unlike unstructured sparsity (zeros inside dense matrices), the result is a smaller dense model with a
 smaller config, loadable by plain transformers. Every layer loses the same number of units so that the config
-stays uniform; which units go is decided per layer by calibrated importance (``structured_math``). Heads are
+stays uniform; which units go is decided per layer by calibrated importance (``structured_math``), and the
+output projection is then refit by least squares on the kept units (``refit``). Heads are
 removed in GQA-consistent cuts: the same number of query heads from every KV group, or whole KV groups with
 their query heads, so ``num_attention_heads`` stays a multiple of ``num_key_value_heads``.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -30,6 +32,7 @@ from compress.passes.prune.structured_math import (
     head_rows,
     head_scores,
     keep_top,
+    refit,
     slice_cols,
     slice_rows,
 )
@@ -44,6 +47,10 @@ class StructuredPruneConfig(PassConfig):
     nearest GQA-consistent cut), or of the blocks (``round(ratio × layers)``, at least 1)."""
     num_blocks: int | None = Field(None, ge=1)
     """``blocks`` only: the number of blocks to drop, overriding ``ratio``."""
+    refit: bool = True
+    """channels/heads: refit the output projection (down, o) on the kept units by least squares on the
+    calibration activations, so it best reproduces the unpruned output (costs a features² Gram per layer,
+    like GPTQ's Hessian). ``false``: only slice."""
     head_grouping: Literal["auto", "query", "kv"] = "auto"
     """``heads`` only: ``query`` removes the same number of query heads from every KV group, ``kv`` removes
     whole KV groups with their query heads, ``auto`` takes the cut closest to ``ratio`` (ties: ``query``,
@@ -125,22 +132,28 @@ class StructuredPrune(ModelPass):
 
     # -- statistics and slicing ----------------------------------------------------------------------------
 
-    @staticmethod
-    def channel_stats(down: nn.Linear) -> ChannelEnergy:
+    def channel_stats(self, down: nn.Linear) -> ChannelEnergy:
         """Fed the input of the MLP's output projection (the intermediate activations)."""
-        return ChannelEnergy(down.in_features)
+        return ChannelEnergy(down.in_features, full=self.config.refit)
 
-    @staticmethod
-    def head_stats(o_proj: nn.Linear, head_dim: int) -> HeadGram:
+    def head_stats(self, o_proj: nn.Linear, head_dim: int) -> HeadGram:
         """Fed the input of the attention output projection (every head's output, concatenated)."""
-        return HeadGram(o_proj.in_features // head_dim, head_dim)
+        return HeadGram(o_proj.in_features // head_dim, head_dim, full=self.config.refit)
+
+    def _output(self, linear: nn.Linear, cols, gram) -> nn.Linear:
+        sliced = slice_cols(linear, cols)
+        if gram is not None:
+            with torch.no_grad():
+                sliced.weight.copy_(refit(linear.weight, gram, cols).to(sliced.weight.device))
+        return sliced
 
     def prune_mlp(self, inputs: list[nn.Linear], output: nn.Linear, stats: ChannelEnergy,
                   removed: int) -> tuple[list[nn.Linear], nn.Linear, list[int]]:
-        """Keep the highest-energy channels: rows of every input projection, columns of the output one."""
+        """Keep the highest-energy channels: rows of every input projection, columns of the output one (refit
+        by least squares on the kept channels' activations when ``refit``)."""
         scores = channel_scores(stats.sum_sq, output.weight)
         keep = keep_top(scores, output.in_features - removed)
-        return [slice_rows(lin, keep) for lin in inputs], slice_cols(output, keep), keep.tolist()
+        return [slice_rows(lin, keep) for lin in inputs], self._output(output, keep, stats.gram), keep.tolist()
 
     def prune_attention(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, *, head_dim: int,
                         num_kv: int, cut: HeadCut, stats: HeadGram) -> tuple[list[nn.Linear], list[int], list[int]]:
@@ -148,7 +161,8 @@ class StructuredPrune(ModelPass):
         scores = head_scores(stats.gram, o.weight, head_dim)
         q_keep, kv_keep = choose_heads(scores, num_kv, cut)
         q_rows, kv_rows = head_rows(q_keep, head_dim), head_rows(kv_keep, head_dim)
-        layers = [slice_rows(q, q_rows), slice_rows(k, kv_rows), slice_rows(v, kv_rows), slice_cols(o, q_rows)]
+        layers = [slice_rows(q, q_rows), slice_rows(k, kv_rows), slice_rows(v, kv_rows),
+                  self._output(o, q_rows, stats.full_gram)]
         return layers, q_keep.tolist(), kv_keep.tolist()
 
     @staticmethod

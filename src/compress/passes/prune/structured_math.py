@@ -17,36 +17,86 @@ from torch import Tensor, nn
 
 
 class ChannelEnergy:
-    """Σ x² per input feature of a layer (the MLP's down projection): a ``Stats`` the pipeline feeds."""
+    """Σ x² per input feature of a layer (the MLP's down projection): a ``Stats`` the pipeline feeds.
 
-    def __init__(self, features: int) -> None:
-        self.sum_sq = torch.zeros(features, dtype=torch.float64)
+    With ``full`` it keeps the whole Gram ``Σ xxᵀ`` (features², like GPTQ's Hessian of that layer), which
+    the least-squares refit of the output projection needs; the energies are its diagonal.
+    """
+
+    def __init__(self, features: int, full: bool = False) -> None:
+        shape = (features, features) if full else (features,)
+        self._acc = torch.zeros(shape, dtype=torch.float64)
+        self.full = full
         self.tokens = 0
 
     def add_batch(self, x: Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sum_sq += flat.square().sum(0).double().cpu()
+        self._acc += (flat.T @ flat if self.full else flat.square().sum(0)).double().cpu()
         self.tokens += flat.shape[0]
 
+    @property
+    def sum_sq(self) -> Tensor:
+        return self._acc.diagonal() if self.full else self._acc
+
+    @property
+    def gram(self) -> Tensor | None:
+        return self._acc if self.full else None
+
     def free(self) -> None:
-        self.sum_sq = torch.zeros(0, dtype=torch.float64)
+        self._acc = torch.zeros(0, dtype=torch.float64)
 
 
 class HeadGram:
-    """Per-head Gram ``Σ_t a_h a_hᵀ`` of the attention output (the input of the output projection)."""
+    """Per-head Gram ``Σ_t a_h a_hᵀ`` of the attention output (the input of the output projection).
 
-    def __init__(self, num_heads: int, head_dim: int) -> None:
-        self.head_dim = head_dim
-        self.gram = torch.zeros(num_heads, head_dim, head_dim, dtype=torch.float64)
+    With ``full`` it keeps the Gram of the whole input (all heads, cross terms included) for the refit.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, full: bool = False) -> None:
+        self.num_heads, self.head_dim, self.full = num_heads, head_dim, full
+        width = num_heads * head_dim
+        shape = (width, width) if full else (num_heads, head_dim, head_dim)
+        self._acc = torch.zeros(shape, dtype=torch.float64)
         self.tokens = 0
 
     def add_batch(self, x: Tensor) -> None:
-        heads = x.detach().reshape(-1, self.gram.shape[0], self.head_dim).float()  # [tokens, H, d]
-        self.gram += torch.einsum("thi,thj->hij", heads, heads).double().cpu()
-        self.tokens += heads.shape[0]
+        flat = x.detach().reshape(-1, self.num_heads * self.head_dim).float()
+        if self.full:
+            self._acc += (flat.T @ flat).double().cpu()
+        else:
+            heads = flat.reshape(-1, self.num_heads, self.head_dim)  # [tokens, H, d]
+            self._acc += torch.einsum("thi,thj->hij", heads, heads).double().cpu()
+        self.tokens += flat.shape[0]
+
+    @property
+    def gram(self) -> Tensor:
+        """The per-head blocks ``[H, d, d]``."""
+        if not self.full:
+            return self._acc
+        d = self.head_dim
+        return torch.stack([self._acc[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(self.num_heads)])
+
+    @property
+    def full_gram(self) -> Tensor | None:
+        return self._acc if self.full else None
 
     def free(self) -> None:
-        self.gram = torch.zeros(0, dtype=torch.float64)
+        self._acc = torch.zeros(0, dtype=torch.float64)
+
+
+def refit(weight: Tensor, gram: Tensor, keep: Tensor, damp: float = 0.01) -> Tensor:
+    """The output projection's weight on the kept inputs that best reproduces its old output, by least squares.
+
+    Minimises ``Σ_t ‖W x_t − W' x_t[keep]‖²``: ``W' = W G[:, keep] (G[keep, keep] + λI)⁻¹`` with ``G = Σ xxᵀ``
+    (the compensation OBS-style structured pruners apply), ``λ = damp × mean diagonal`` so that few tokens
+    or collinear inputs cannot blow it up. Returned in the weight's dtype.
+    """
+    g = gram.double()
+    kept = g.index_select(0, keep).index_select(1, keep)
+    kept = kept + damp * kept.diagonal().mean().clamp_min(1e-12) * torch.eye(kept.shape[0], dtype=g.dtype)
+    rhs = weight.detach().double().cpu() @ g.index_select(1, keep)  # [out, kept]
+    solved = torch.linalg.solve(kept, rhs.T).T  # kept is symmetric
+    return solved.to(weight.dtype)
 
 
 class BlockChange:
