@@ -98,3 +98,21 @@ def test_card_says_what_was_done_and_is_hashed(release):
     assert "compress.load(" in card and "vllm serve" in card and "from_pretrained" in card
     assert "| perplexity increase |" in card and "| compression ratio (bytes before / after) |" in card
     assert str(release) not in card  # the output path never enters a hashed file
+
+
+@pytest.mark.parametrize(("layout", "says"), [
+    ("pack-quantized", "compressed-tensors `pack-quantized` layout"),
+    ("sparse-bitmask", "compressed-tensors `sparse-bitmask` layout"),
+    ("gptq", "GPTQ layout"),
+    ("dense", "plain transformers checkpoint"),
+])
+def test_card_describes_the_layout_it_was_written_in(layout, says):
+    from compress.export.card import render_card
+
+    recipe = {"stages": [{"method": "structured", "target": "channels", "ratio": 0.25}]}
+    card = render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, layers=[],
+                       tool_version="0", layout=layout)
+    assert says in card and "# m, compressed (structured)" in card
+    assert "not evaluated" in card
+    assert card == render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, layers=[],
+                               tool_version="0", layout=layout)

@@ -152,6 +152,14 @@ def _local_files(path: Path, label: str) -> list[Path]:
     return files
 
 
+def _root_reason(exc: BaseException) -> str:
+    """The innermost cause's first line ("JSON parse error: ... in row 1"), not datasets' generic wrapper."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    return text.splitlines()[0][:200].rstrip(".") if text else type(exc).__name__
+
+
 def _load_local(files: Sequence[Path], column: str | None, label: str) -> list[str]:
     import datasets
 
@@ -162,8 +170,7 @@ def _load_local(files: Sequence[Path], column: str | None, label: str) -> list[s
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", **extra)
         except Exception as exc:  # arrow / json / csv parse errors all mean an unreadable file
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise CompressError(f"could not read dataset file '{f}': {reason}") from exc
+            raise CompressError(f"could not read dataset file '{f}': {_root_reason(exc)}") from exc
         texts.extend(_texts_of(ds, column, label))
     return texts
 

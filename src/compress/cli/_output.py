@@ -34,7 +34,7 @@ def quiet_libraries() -> None:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as CompressError
         import huggingface_hub
 
         huggingface_hub.utils.logging.set_verbosity_error()

@@ -9,6 +9,7 @@ recorded and ``compress verify`` covers it like every other file.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,23 @@ def _stage_rows(recipe: dict[str, Any], layers: list[dict[str, Any]]) -> list[st
     for index, stage in enumerate(recipe.get("stages") or []):
         method = stage.get("method", "?")
         mine = [layer for layer in layers if layer.get("method") == method]
-        schemes = ", ".join(f"{s} ({n})" for s, n in sorted(Counter(layer["scheme"] for layer in mine).items()))
+        schemes = ", ".join(f"{s} ({n})" for s, n in sorted(Counter(str(layer.get("scheme")) for layer in mine).items()))
         settings = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("method", "ignore") and v is not None)
         rows.append(f"| {index} | {method} | {schemes or '-'} | {len(mine)} | {settings or '-'} |")
     return rows
+
+
+def layout_of(folder: Path) -> str:
+    """The layout the written ``config.json`` declares: ``gptq``, a compressed-tensors format, or ``dense``."""
+    try:
+        quant = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return "dense"
+    if not isinstance(quant, dict):
+        return "dense"
+    if quant.get("quant_method") == "gptq":
+        return "gptq"
+    return str(quant.get("format") or "compressed-tensors")
 
 
 def _load_section(fmt: str) -> list[str]:
@@ -61,7 +75,13 @@ def _load_section(fmt: str) -> list[str]:
         "```",
         "",
     ]
-    if fmt == "gptq":
+    if fmt == "dense":
+        lines += [
+            "This folder is a plain transformers checkpoint (no `quantization_config`): any reader of the",
+            "architecture loads it, e.g. `AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")`, and",
+            "vLLM serves it with `vllm serve path/to/this/folder`.",
+        ]
+    elif fmt == "gptq":
         lines += [
             "This folder uses the GPTQ layout (`quant_method: gptq`, see `quantize_config.json`): transformers",
             "reads it through its GPTQ integration (with `optimum` and `gptqmodel` installed), and vLLM serves",
@@ -69,7 +89,7 @@ def _load_section(fmt: str) -> list[str]:
         ]
     else:
         lines += [
-            "This folder uses the compressed-tensors `pack-quantized` layout: transformers reads it with the",
+            f"This folder uses the compressed-tensors `{fmt}` layout: transformers reads it with the",
             "`compressed-tensors` package installed, and vLLM serves it directly:",
             "",
             "```python",
@@ -101,21 +121,24 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
 
 
 def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[str, Any] | None,
-                evaluation: dict[str, Any] | None, layers: list[dict[str, Any]], tool_version: str) -> str:
+                evaluation: dict[str, Any] | None, layers: list[dict[str, Any]], tool_version: str,
+                layout: str = "pack-quantized") -> str:
     """The card's Markdown; a pure function of its arguments (tested for byte-stability)."""
-    fmt = (recipe.get("export") or {}).get("format", "compressed-tensors")
-    schemes = sorted({layer["scheme"] for layer in layers})
+    fmt = layout
+    schemes = sorted({str(layer["scheme"]) for layer in layers if layer.get("scheme")})
+    methods = ", ".join(str(stage.get("method")) for stage in recipe.get("stages") or []) or "no stage"
     ignore = sorted({p for stage in recipe.get("stages") or [] for p in (stage.get("ignore") or [])})
     lines = [
         "---",
         "library_name: transformers",
         "tags:",
         "- compress-toolkit",
-        f"- {fmt}",
+        *([] if fmt == "dense" else ["- compressed-tensors"] if fmt != "gptq" else ["- gptq"]),
+        *([f"- {fmt}"] if fmt not in ("dense", "gptq") else []),
         *[f"- {s}" for s in schemes],
         "---",
         "",
-        f"# {source_model}, compressed ({', '.join(schemes) or 'no layer changed'})",
+        f"# {source_model}, compressed ({', '.join(schemes) or methods})",
         "",
         f"Made by compress-toolkit {tool_version} from `{source_model}`. `recipe.yaml` in this folder",
         "reproduces it (`compress run recipe.yaml`); `manifest.json` records the sha256 of every file,",
@@ -145,5 +168,6 @@ def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[
 def write_card(folder: Path, **fields: Any) -> Path:
     """Write ``README.md`` into ``folder`` (call before ``write_manifest`` so the card is hashed)."""
     path = Path(folder) / CARD_NAME
+    fields.setdefault("layout", layout_of(folder))
     path.write_text(render_card(**fields), encoding="utf-8")
     return path

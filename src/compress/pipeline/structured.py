@@ -20,7 +20,8 @@ import torch
 from compress.core.errors import CompressError, GateFailed
 from compress.evaluate.gates import check_gates
 from compress.evaluate.size import dir_size_bytes, parameter_count
-from compress.export.manifest import write_manifest
+from compress.export.card import write_card
+from compress.export.manifest import tool_version, write_manifest
 from compress.models.blocks import find_blocks, find_linears, plan_layers, select_layers
 from compress.models.load import load_config, load_model, resolve_model_source
 from compress.passes import PASSES
@@ -143,6 +144,9 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
             "eval": metrics, "gates": [asdict(g) for g in gates],
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_card(staging, source_model=_display_source(source), recipe=_recorded(recipe).model_dump(mode="json"),
+                   calibration=calibration, evaluation=metrics or None, layers=report["layers"],
+                   tool_version=tool_version())
         write_manifest(staging, source_model=_display_source(source),
                        recipe=_recorded(recipe).model_dump(mode="json"), calibration=calibration,
                        evaluation=metrics or None)
