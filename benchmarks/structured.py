@@ -31,6 +31,8 @@ VARIANTS = [
     ("heads 25%", {"target": "heads", "ratio": 0.25}),
     ("1 block dropped", {"target": "blocks", "num_blocks": 1}),
     ("2 blocks dropped", {"target": "blocks", "num_blocks": 2}),
+    ("channels 25%, no refit", {"target": "channels", "ratio": 0.25, "refit": False}),
+    ("heads 25%, no refit", {"target": "heads", "ratio": 0.25, "refit": False}),
 ]
 PROMPT, NEW_TOKENS = 128, 16
 SPEED_SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
@@ -88,6 +90,37 @@ def quality(model: str, work: Path) -> list[dict]:
                      "loaded_parameters": loaded_parameters(out), "size_bytes": dir_size_bytes(out),
                      "baseline_size_bytes": dir_size_bytes(source), "shape": shape_of(out),
                      "detail": {k: v for k, v in report["structured"][0].items() if k not in ("blocks",)}})
+    rows += uncalibrated_rows(source, work, {r["variant"]: r for r in rows})
+    return rows
+
+
+def uncalibrated_rows(source: Path, work: Path, calibrated: dict[str, dict]) -> list[dict]:
+    """The same shapes chosen without data (weight magnitude; the last blocks), evaluated the same way."""
+    from _structured_baselines import uncalibrated
+
+    from compress.evaluate.size import dir_size_bytes, parameter_count
+    from compress.models.load import load_model
+    from compress.pipeline.evaluation import evaluate
+    from compress.recipes.schema import EvalConfig
+
+    heads = calibrated.get("heads 25%", {}).get("shape")
+    jobs = [("channels 25%, weight magnitude", "channels", {"ratio": 0.25}),
+            ("1 block dropped, the last", "blocks", {"num_blocks": 1}),
+            ("2 blocks dropped, the last two", "blocks", {"num_blocks": 2})]
+    if heads:
+        config = load_model(str(source)).model.config
+        per_group = (config.num_attention_heads - heads["num_attention_heads"]) // config.num_key_value_heads
+        jobs.insert(1, ("heads 25%, weight magnitude", "heads", {"per_group": per_group}))
+    rows = []
+    for label, target, options in jobs:
+        out = uncalibrated(str(source), target, work / label.replace(" ", "_").replace(",", ""), **options)
+        ev = evaluate(str(out), baseline=str(source), config=EvalConfig())
+        parameters = parameter_count(load_model(str(out)).model)
+        rows.append({"variant": label, "ppl": ev["ppl"], "baseline_ppl": ev["baseline_ppl"], "kl": ev["kl"],
+                     "top1": ev["top1"], "parameters": parameter_count(load_model(str(source)).model),
+                     "parameters_after": parameters, "loaded_parameters": parameters,
+                     "size_bytes": dir_size_bytes(out), "baseline_size_bytes": dir_size_bytes(source),
+                     "shape": shape_of(out), "uncalibrated": True})
     return rows
 
 
@@ -173,7 +206,9 @@ def speed(work: Path, rounds: int, threads: int) -> dict:
 def markdown(quality_rows: dict[str, list[dict]], speed_result: dict) -> str:
     lines = ["# Structured pruning", "",
              "Held-out perplexity (demo-heldout) after structured pruning, calibrated on demo-calib "
-             "(128 x 256 tokens); each row is one `compress.run` of `{method: structured, ...}`.", ""]
+             "(128 x 256 tokens); each row is one `compress.run` of `{method: structured, ...}`. The rows marked "
+             "*uncalibrated* choose the same shapes without data (weight magnitude; the last blocks), for comparison "
+             "(benchmarks/_structured_baselines.py).", ""]
     for model, rows in quality_rows.items():
         lines += [f"## {model}", "", "| variant | shape (layers / intermediate / heads / KV) | ppl | dense ppl | KL | "
                   "top-1 | parameters (claimed = loaded) | size on disk |", "|---|---|---|---|---|---|---|---|"]
@@ -183,8 +218,9 @@ def markdown(quality_rows: dict[str, list[dict]], speed_result: dict) -> str:
                 continue
             s = r["shape"]
             ok = "=" if r["parameters_after"] == r["loaded_parameters"] else "!="
+            name = f"*uncalibrated*: {r['variant']}" if r.get("uncalibrated") else r["variant"]
             lines.append(
-                f"| {r['variant']} | {s['num_hidden_layers']} / {s['intermediate_size']} / "
+                f"| {name} | {s['num_hidden_layers']} / {s['intermediate_size']} / "
                 f"{s['num_attention_heads']} / {s['num_key_value_heads']} | {r['ppl']:.2f} | {r['baseline_ppl']:.2f} "
                 f"| {r['kl']:.3f} | {r['top1']:.3f} | {r['parameters_after']:,} {ok} {r['loaded_parameters']:,} "
                 f"({r['parameters_after'] / r['parameters']:.1%}) | {r['size_bytes'] / 1e6:.2f} MB "
@@ -216,7 +252,7 @@ def markdown(quality_rows: dict[str, list[dict]], speed_result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["demo", "benchmarks/models/qwen2-192"])
+    parser.add_argument("--models", nargs="+", default=["demo", "benchmarks/models/qwen2-256"])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=["quality", "speed"], help="rerun one part, keep the other's results")
@@ -226,8 +262,8 @@ def main() -> None:
     quality_rows, speed_result = kept.get("quality", {}), kept.get("speed")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.only != "speed":
-            quality_rows = {}
+        if args.only != "speed":  # models not named keep their earlier rows under --only quality
+            quality_rows = dict(quality_rows) if args.only else {}
             for model in args.models:
                 if model != "demo" and not (Path(model) / "model.safetensors").is_file():
                     print(f"skipping {model}: no model.safetensors", file=sys.stderr)
