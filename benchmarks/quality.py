@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 SETTINGS = [("W4g128", 4, 128), ("W3g128", 3, 128), ("W2g64", 2, 64), ("W4 per-channel", 4, -1)]
-METHODS = [("RTN", {"method": "rtn"}), ("GPTQ", {"method": "gptq"}),
+METHODS = [("RTN", {"method": "rtn"}), ("RTN mse", {"method": "rtn", "observer": "mse"}),
+           ("GPTQ minmax", {"method": "gptq", "observer": "minmax"}),
+           ("GPTQ", {"method": "gptq"}),  # the default: MSE clipping search
            ("GPTQ act-order", {"method": "gptq", "act_order": True})]
 
 
@@ -138,8 +140,32 @@ def main() -> None:
             wins = sum(values[f"{setting} GPTQ"] < values[f"{setting} RTN"] for values in layers.values())
             lines.append(f"\n{setting}: GPTQ below RTN on {wins} of {len(layers)} layers.")
         lines.append("")
-    write_results("quality", {"rows": rows, "per_layer": per_layer, "num_samples": args.num_samples},
-                  "\n".join(lines))
+    floors = quality_floors(rows, per_layer)
+    lines += ["## Floors (issue 3)", ""] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in floors.items()]
+    write_results("quality", {"rows": rows, "per_layer": per_layer, "num_samples": args.num_samples,
+                              "floors": floors}, "\n".join(lines))
+
+
+def quality_floors(rows: list[dict], per_layer: dict) -> dict[str, bool]:
+    """The issue's floors, computed from the rows rather than read off by eye."""
+    def ppl(model: str, setting: str, method: str) -> float:
+        return next(r["ppl"] for r in rows if (r["model"], r["setting"], r["method"]) == (model, setting, method))
+
+    floors: dict[str, bool] = {}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        fp32 = next(r["ppl_fp32"] for r in rows if r["model"] == model)
+        floors[f"{model}: GPTQ below RTN in ppl at every setting"] = all(
+            ppl(model, s, "GPTQ") < ppl(model, s, "RTN") for s, _, _ in SETTINGS)
+        floors[f"{model}: same observer, GPTQ below RTN in ppl at every setting (minmax and mse)"] = all(
+            ppl(model, s, "GPTQ minmax") < ppl(model, s, "RTN") and ppl(model, s, "GPTQ") < ppl(model, s, "RTN mse")
+            for s, _, _ in SETTINGS)
+        floors[f"{model}: GPTQ below RTN in reconstruction error on every layer (W4g128, W3g128)"] = all(
+            v[f"{s} GPTQ"] < v[f"{s} RTN"] for v in per_layer[model].values() for s in ("W4g128", "W3g128"))
+        floors[f"{model}: W4g128 GPTQ within 2% of fp32"] = ppl(model, "W4g128", "GPTQ") <= 1.02 * fp32
+        rtn3, gptq3 = ppl(model, "W3g128", "RTN"), ppl(model, "W3g128", "GPTQ")
+        floors[f"{model}: W3g128 GPTQ recovers at least half of RTN's increase"] = gptq3 - fp32 <= 0.5 * (rtn3 - fp32)
+    return floors
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_registered_and_validated() -> None:
         128,
         False,
         False,
-        "minmax",
+        "mse",
     )
     for bad in (dict(damp=0.0), dict(damp=1.0), dict(block_size=0), dict(observer="max"), dict(bits=5)):
         with pytest.raises(ValidationError):
