@@ -36,6 +36,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
        "OMP_NUM_THREADS": "1"}
 CLI = [sys.executable, "-m", "compress.cli.main"]
 GPTQ_ARGS = ["--num-samples", "32", "--eval-windows", "20", "--device", "cpu", "--json"]
+RESUME_BLOCKS = 8
+RESUME_ARGS = ["--num-samples", "64", "--seq-len", "128", "--eval-windows", "4", "--device", "cpu", "--json"]
 
 
 def cli(args: list[str], timeout: int = 300) -> tuple[int, str, float]:
@@ -205,10 +207,10 @@ def child_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def quantize_json(method: str, out: Path, *extra: str) -> dict:
+def quantize_json(method: str, out: Path, *extra: str, args: list[str] = GPTQ_ARGS) -> dict:
     """One `compress quantize --json` run: wall and CPU time of the subprocess, and its own sweep timing."""
     start, cpu = time.perf_counter(), child_cpu()
-    done = subprocess.run([*CLI, "quantize", "--method", method, *GPTQ_ARGS, "--output", str(out), *extra],
+    done = subprocess.run([*CLI, "quantize", "--method", method, *args, "--output", str(out), *extra],
                           capture_output=True, text=True, env=ENV, timeout=900)
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
@@ -216,11 +218,32 @@ def quantize_json(method: str, out: Path, *extra: str) -> dict:
             "compress_s": payload["timings"]["compress_s"], "stderr": done.stderr, "files": folder_hashes(out)}
 
 
-def killed_then_resumed(out: Path, after_blocks: int = 2) -> dict:
+def resume_model(tmp: Path) -> Path:
+    """An 8-block Llama (hidden 256, random weights, the demo tokenizer): big enough that the sweep, not
+    the start-up, dominates a run, which is the situation --resume is for."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from compress.models.load import DEMO_MODEL_DIR
+
+    folder = tmp / "llama8"
+    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=RESUME_BLOCKS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (DEMO_MODEL_DIR / name).is_file():
+            shutil.copy(DEMO_MODEL_DIR / name, folder / name)
+    return folder
+
+
+def killed_then_resumed(out: Path, args: list[str], after_blocks: int) -> dict:
     """Start with --resume, SIGKILL once ``after_blocks`` blocks are saved, then the same command again."""
     progress = out.parent / f".{out.name}.partial" / "progress.json"
     start, cpu = time.perf_counter(), child_cpu()
-    proc = subprocess.Popen([*CLI, "quantize", "--method", "gptq", *GPTQ_ARGS, "--output", str(out), "--resume"],
+    proc = subprocess.Popen([*CLI, "quantize", "--method", "gptq", *args, "--output", str(out), "--resume"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     saved = None
     while proc.poll() is None:
@@ -235,18 +258,16 @@ def killed_then_resumed(out: Path, after_blocks: int = 2) -> dict:
     proc.wait()
     until_kill, cpu_until_kill = time.perf_counter() - start, child_cpu() - cpu
     assert saved is not None and not out.exists(), "the run finished before it could be killed"
-    resumed = quantize_json("gptq", out, "--resume")
+    resumed = quantize_json("gptq", out, "--resume", args=args)
     message = next((ln for ln in resumed["stderr"].splitlines() if "resuming" in ln), "")
     return {**resumed, "killed_after_blocks": saved, "seconds_until_kill": until_kill,
             "cpu_until_kill_s": cpu_until_kill, "message": message}
 
 
 def determinism_and_resume(tmp: Path) -> dict:
-    runs, straight = {}, []
+    runs = {}
     for method in ("rtn", "gptq"):
         results = [quantize_json(method, tmp / f"det-{method}-{i}" / ("deeper/" * i + "out")) for i in range(2)]
-        if method == "gptq":
-            straight = results
         runs[method] = {
             "identical": results[0]["files"] == results[1]["files"], "files": len(results[0]["files"]),
             "safetensors_sha256": [r["files"]["model.safetensors"] for r in results],
@@ -254,16 +275,18 @@ def determinism_and_resume(tmp: Path) -> dict:
             "card_sha256": [r["files"]["README.md"] for r in results],
             "wall_s": [r["wall_s"] for r in results],
         }
+    args = [str(resume_model(tmp)), *RESUME_ARGS]
+    straight = [quantize_json("gptq", tmp / "resume-straight" / "out", args=args)]
     reference = straight[0]["files"]
-    checkpointing = quantize_json("gptq", tmp / "resume-uninterrupted" / "out", "--resume")
-    resumed = [killed_then_resumed(tmp / f"resume-{i}" / "out") for i in range(2)]
+    checkpointing = quantize_json("gptq", tmp / "resume-uninterrupted" / "out", "--resume", args=args)
+    resumed = [killed_then_resumed(tmp / "resume-0" / "out", args, RESUME_BLOCKS // 2)]
     median = statistics.median
     straight_wall = median(r["wall_s"] for r in straight)
     resumed_wall = median(r["wall_s"] for r in resumed)
     return {
         "determinism": runs,
         "resume": {
-            "blocks": 4, "killed_after_blocks": [r["killed_after_blocks"] for r in resumed],
+            "blocks": RESUME_BLOCKS, "killed_after_blocks": [r["killed_after_blocks"] for r in resumed],
             "seconds_until_kill": [r["seconds_until_kill"] for r in resumed],
             "cpu_until_kill_s": [r["cpu_until_kill_s"] for r in resumed],
             "uninterrupted_cpu_s": [r["cpu_s"] for r in straight], "resumed_cpu_s": [r["cpu_s"] for r in resumed],
@@ -394,17 +417,18 @@ def markdown(table: list[dict], det: dict, fz: dict) -> str:
     def secs(values: list[float]) -> str:
         return " / ".join(f"{v:.1f}" for v in values) + " s"
 
-    lines += ["", "## Resume after SIGKILL (demo model, GPTQ, 32 samples x 256 tokens, 4 blocks, 1 thread)", "",
+    lines += ["", f"## Resume after SIGKILL (GPTQ W4g128 on an {rs['blocks']}-block Llama, hidden 256, 64 samples x "
+              "128 tokens, 1 thread)", "",
               "The machine's 2 cores were shared with other jobs while this ran, so wall times are noisy; CPU time",
               "(user + sys of the process) is the fair comparison. Sweep = the run's own `timings.compress_s`.", "",
-              f"- two runs killed with SIGKILL after {rs['killed_after_blocks']} of {rs['blocks']} blocks were saved "
-              f"({secs(rs['seconds_until_kill'])} into the run), each then re-run with `--resume`",
+              f"- killed with SIGKILL once {rs['killed_after_blocks'][0]} of {rs['blocks']} blocks were saved "
+              f"({secs(rs['seconds_until_kill'])} into the run), then the same command re-run with `--resume`",
               f"- CPU spent before the kill: {secs(rs['cpu_until_kill_s'])}",
               f"- uninterrupted run: CPU {secs(rs['uninterrupted_cpu_s'])}, wall {secs(rs['uninterrupted_wall_s'])}, "
               f"sweep {secs(rs['uninterrupted_sweep_s'])}",
               f"- the same command with `--resume` after the kill: CPU {secs(rs['resumed_cpu_s'])}, wall "
               f"{secs(rs['resumed_wall_s'])}, sweep {secs(rs['resumed_sweep_s'])}",
-              f"- saved over starting again (medians): {rs['saved_cpu_s']:.1f} s CPU "
+              f"- saved over starting again: {rs['saved_cpu_s']:.1f} s CPU "
               f"({rs['saved_cpu_s'] / statistics.median(rs['uninterrupted_cpu_s']):.0%} of an uninterrupted run), "
               f"{rs['saved_wall_s']:.1f} s wall",
               f"- cost of checkpointing, an uninterrupted run with `--resume`: CPU {rs['checkpointing_run_cpu_s']:.1f} s, "
@@ -426,10 +450,11 @@ def markdown(table: list[dict], det: dict, fz: dict) -> str:
 def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
+        det = determinism_and_resume(tmp)
+        print(json.dumps(det["resume"], indent=1, default=str), flush=True)
         fixtures = build_fixtures(tmp)
         table = bad_inputs(fixtures)
         fz = fuzz(fixtures)
-        det = determinism_and_resume(tmp)
     write_results("release", {"bad_inputs": table, **det, "fuzz": fz}, markdown(table, det, fz))
 
 
