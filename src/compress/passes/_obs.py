@@ -121,3 +121,17 @@ def fake_quant_column(w: Tensor, scale: Tensor, zp: Tensor, scheme: QuantScheme)
     col = w.unsqueeze(1)
     s, z = scale.unsqueeze(1), zp.unsqueeze(1)
     return dequantize(quantize(col, s, z, scheme), s, z, scheme).squeeze(1)
+
+
+def group_columns_now(w: Tensor, w1: Tensor, err1: Tensor, u: Tensor, i1: int, i2: int, col: int,
+                      end: int) -> Tensor:
+    """Current values of columns ``col..end`` mid-sweep, for a group scale chosen when ``col`` is reached.
+
+    ``w1`` holds the block ``i1..i2`` being swept (up to date); columns past the block have not yet had
+    this block's pending lazy update (``err1 @ U``) applied, so it is applied here to the slice needed.
+    """
+    i = col - i1
+    parts = [w1[:, i : min(end, i2) - i1]]
+    if end > i2:
+        parts.append(w[:, i2:end] - err1[:, :i] @ u[i1:col, i2:end])
+    return torch.cat(parts, dim=1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
-from compress.core.packing import PackedWeight, pack_codes, pack_zero_point
+from compress.core.packing import pack_weight
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
@@ -81,16 +81,9 @@ class SparseGPTPass(LayerPass):
         if scheme is None:
             linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
             return apply_mask(name, linear, result.keep, cfg)
-        assert result.codes is not None and result.scale is not None and result.zero_point is not None
-        out_f, in_f = result.codes.shape
-        packed = PackedWeight(
-            weight_packed=pack_codes(result.codes, scheme.bits),
-            weight_scale=result.scale.to(dtype).contiguous(),
-            weight_zero_point=None if scheme.symmetric else pack_zero_point(result.zero_point, scheme.bits),
-            weight_g_idx=None,
-            weight_shape=torch.tensor([out_f, in_f], dtype=torch.int64),
-            scheme=scheme,
-        )
+        assert result.scale is not None and result.zero_point is not None
+        packed = pack_weight(result.weight, scheme, scale=result.scale, zero_point=result.zero_point,
+                             scale_dtype=dtype)
         bias = None if linear.bias is None else linear.bias.detach()
         quantized = QuantLinear.from_packed(packed, bias)
         setattr(quantized, SPARSITY_ATTR, structure)

@@ -28,10 +28,15 @@ from torch import Tensor
 
 from compress.core.errors import CompressError
 from compress.core.observers import choose_qparams
-from compress.core.primitives import quantize
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import NMPattern, pruned_per_row
-from compress.passes._obs import fake_quant_column, inverse_hessian_factor, prepare_hessian, storable_scale
+from compress.passes._obs import (
+    fake_quant_column,
+    group_columns_now,
+    inverse_hessian_factor,
+    prepare_hessian,
+    storable_scale,
+)
 
 
 @dataclass
@@ -43,9 +48,9 @@ class SparseGPTResult:
     loss: float
     """``½ Σ (w - q)² / U_ii²``: the OBS estimate of the added output error."""
     damp_used: float
-    codes: Tensor | None = None
-    """With joint quantization: signed int8 codes, ``quantize(weight, scale, zero_point, scheme)``."""
     scale: Tensor | None = None
+    """With joint quantization: float32 ``[out, n_groups]``, already representable in ``scale_dtype``;
+    ``weight`` then lies exactly on the grid, so packing it with these qparams reproduces the sweep's codes."""
     zero_point: Tensor | None = None
 
 
@@ -109,10 +114,9 @@ def sparsegpt_prune(
             if scheme is not None:
                 if not scheme.per_channel and col % gs == 0:
                     end = min(col + gs, in_f)
-                    parts = [w1[:, i : min(end, i2) - i1] * keep1[:, i : min(end, i2) - i1]]
-                    if end > i2:
-                        parts.append(w[:, i2:end] - err1[:, :i] @ u[i1:col, i2:end])
-                    s, z = choose_qparams(torch.cat(parts, dim=1), scheme)
+                    current = group_columns_now(w, w1, err1, u, i1, i2, col, end)
+                    current[:, : min(end, i2) - col] *= keep1[:, i : min(end, i2) - i1]  # pruned so far: 0
+                    s, z = choose_qparams(current, scheme)
                     g = col // gs
                     scale[:, g], zp[:, g] = storable_scale(s[:, 0], scale_dtype), z[:, 0]
                 g = col // gs
@@ -127,6 +131,5 @@ def sparsegpt_prune(
 
     result = SparseGPTResult(weight=out, keep=keep, loss=float(losses.sum()) / 2, damp_used=damp_used)
     if scheme is not None:
-        result.codes = quantize(out, scale, zp, scheme)
         result.scale, result.zero_point = scale, zp
     return result

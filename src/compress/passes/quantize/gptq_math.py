@@ -34,6 +34,7 @@ from compress.core.scheme import QuantScheme
 from compress.passes._obs import (
     act_order_permutation,
     fake_quant_column,
+    group_columns_now,
     inverse_hessian_factor,
     prepare_hessian,
     storable_scale,
@@ -133,12 +134,7 @@ def gptq_quantize(
             col = i1 + i
             if not static and col % gs == 0:
                 end = min(col + gs, in_f)
-                # current values of the group's columns: in-block ones are up to date in w1; those past
-                # the block have not yet received this block's pending update, so apply it here
-                parts = [w1[:, i : min(end, i2) - i1]]
-                if end > i2:
-                    parts.append(w[:, i2:end] - err1[:, :i] @ u[i1:col, i2:end])
-                current = torch.cat(parts, dim=1)
+                current = group_columns_now(w, w1, err1, u, i1, i2, col, end)
                 if keep is not None:
                     current = current * keep[:, col:end]
                 s, z = choose_qparams(current, scheme, observer=observer, importance=importance[col:end])
