@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo"])
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--suffix", action="store_true", help="write results/prune-<models>.json|md")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +118,8 @@ def main() -> None:
               "which on these small-vocabulary models are a large share of the bytes.",
               "Unstructured and 2:4 zeros run through dense matmuls on the CPU: no decode speedup is claimed for "
               "them (structured pruning, benchmarks/structured.md, is what makes the model faster)."]
-    write_results("prune", {"rows": rows, "num_samples": args.num_samples}, "\n".join(lines))
+    write_results(f"prune-{'-'.join(Path(m).name for m in args.models)}" if args.suffix else "prune",
+                  {"rows": rows, "num_samples": args.num_samples}, "\n".join(lines))
 
 
 if __name__ == "__main__":
