@@ -24,6 +24,9 @@ from compress.core.primitives import compute_qparams, dequantize, group_index, q
 from compress.core.scheme import QuantScheme
 
 Observer = Literal["minmax", "mse"]
+OBSERVER_ATTR = "compress_observer"
+"""Set on a quantized module by the pass that chose its scales, so the export can name the observer."""
+
 OBSERVERS: tuple[str, ...] = ("minmax", "mse")
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.core.observers import OBSERVER_ATTR
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import SPARSITY_ATTR, to_bitmask
 from compress.kernels.quant_linear import QuantLinear
@@ -122,7 +123,8 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str]) -> di
         targets = ["Linear"] if len(by_scheme) == 1 else [f"re:^{_escape(n)}$" for n in names]
         groups[f"group_{index}"] = {
             "targets": targets,
-            "weights": scheme.to_compressed_tensors(actorder="group" if has_g_idx else None),
+            "weights": scheme.to_compressed_tensors(actorder="group" if has_g_idx else None,
+                                                    observer=getattr(quantized[names[0]], OBSERVER_ATTR, "minmax")),
             "input_activations": None,
             "output_activations": None,
         }

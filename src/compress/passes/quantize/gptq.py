@@ -16,6 +16,7 @@ from torch import nn
 
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
+from compress.core.observers import OBSERVER_ATTR
 from compress.core.packing import PackedWeight, pack_codes, pack_zero_point
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import SPARSITY_ATTR
@@ -128,6 +129,7 @@ class GPTQPass(LayerPass):
         logger.debug("layer %s: GPTQ loss %.6g (damp %g)", name, result.loss, result.damp_used)
         bias = None if linear.bias is None else linear.bias.detach()
         quantized = QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
+        setattr(quantized, OBSERVER_ATTR, cfg.observer)
         if sparsity is not None:
             setattr(quantized, SPARSITY_ATTR, sparsity)
         return quantized
