@@ -167,35 +167,9 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         timings["export_s"] = time.perf_counter() - tick
         del model, loaded
 
-        tick = time.perf_counter()
-        metrics: dict[str, Any] = {}
-        if recipe.eval.enabled:
-            metrics = evaluate_artifact(staging, baseline=source, config=recipe.eval, recipe=recipe,
-                                        progress=progress)
-        timings["eval_s"] = time.perf_counter() - tick
-
-        size_before = _source_size(source)
-        size_after = dir_size_bytes(staging)
-        ratio = size_before / size_after if size_after else 0.0
-        metrics["compression_ratio"] = ratio
-        gates = check_gates(metrics, max_ppl_increase=recipe.eval.max_ppl_increase,
-                            min_compression_ratio=recipe.eval.min_compression_ratio,
-                            min_cosine=recipe.eval.min_cosine)
-        report = {
-            "source_model": _display_source(source),
-            "parameters": parameters,
-            "size_before_bytes": size_before,
-            "size_after_bytes": size_after,
-            "layers": [asdict(r) for r in results],
-            "eval": metrics,
-            "gates": [asdict(g) for g in gates],
-        }
-        (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        write_card(staging, source_model=_display_source(source), recipe=_recorded(recipe).model_dump(mode="json"),
-                   calibration=calibration, evaluation=metrics or None, layers=report["layers"],
-                   tool_version=tool_version())
-        write_manifest(staging, source_model=_display_source(source), recipe=_recorded(recipe).model_dump(mode="json"),
-                       calibration=calibration, evaluation=metrics or None)
+        metrics, gates, size_before, size_after, ratio = finish_artifact(
+            staging, recipe, source, calibration=calibration, parameters=parameters, results=results,
+            timings=timings, progress=progress)
     timings["total_s"] = time.perf_counter() - start
     result = RunResult(
         output=str(target), model=_display_source(source), parameters=parameters,
@@ -207,6 +181,42 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
     if failed:
         raise GateFailed("; ".join(failed), report=result.to_dict())
     return result
+
+
+def finish_artifact(staging: Path, recipe: Recipe, source: str, *, calibration: dict[str, Any], parameters: int,
+                    results: list, timings: dict[str, float], progress: Progress | None = None,
+                    extra_metrics: dict[str, Any] | None = None, extra_report: dict[str, Any] | None = None,
+                    ) -> tuple[dict[str, Any], list, int, int, float]:
+    """Eval of the exported folder, gates, then report.json, the model card and (last, so it hashes them)
+    manifest.json: the tail every kind of run shares. Returns (metrics, gates, size before, after, ratio)."""
+    tick = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    if recipe.eval.enabled:
+        metrics = evaluate_artifact(staging, baseline=source, config=recipe.eval, recipe=recipe, progress=progress)
+    timings["eval_s"] = time.perf_counter() - tick
+    metrics.update(extra_metrics or {})
+    size_before, size_after = _source_size(source), dir_size_bytes(staging)
+    ratio = size_before / size_after if size_after else 0.0
+    metrics["compression_ratio"] = ratio
+    gates = check_gates(metrics, max_ppl_increase=recipe.eval.max_ppl_increase,
+                        min_compression_ratio=recipe.eval.min_compression_ratio, min_cosine=recipe.eval.min_cosine)
+    report = {
+        "source_model": _display_source(source),
+        "parameters": parameters,
+        "size_before_bytes": size_before,
+        "size_after_bytes": size_after,
+        "layers": [asdict(r) for r in results],
+        "eval": metrics,
+        "gates": [asdict(g) for g in gates],
+        **(extra_report or {}),
+    }
+    (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    recorded = _recorded(recipe).model_dump(mode="json")
+    write_card(staging, source_model=_display_source(source), recipe=recorded, calibration=calibration,
+               evaluation=metrics or None, layers=report["layers"], tool_version=tool_version())
+    write_manifest(staging, source_model=_display_source(source), recipe=recorded, calibration=calibration,
+                   evaluation=metrics or None)
+    return metrics, gates, size_before, size_after, ratio
 
 
 def _display_source(source: str) -> str:

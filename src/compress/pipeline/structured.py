@@ -9,7 +9,6 @@ path writes is written here too, by the same helpers of ``compress.pipeline.run`
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,15 +17,11 @@ from typing import Any
 import torch
 
 from compress.core.errors import CompressError, GateFailed
-from compress.evaluate.gates import check_gates
-from compress.evaluate.size import dir_size_bytes, parameter_count
-from compress.export.card import write_card
-from compress.export.manifest import tool_version, write_manifest
+from compress.evaluate.size import parameter_count
 from compress.models.blocks import find_blocks, find_linears, plan_layers, select_layers
 from compress.models.load import load_config, load_model, resolve_model_source
 from compress.passes import PASSES
 from compress.passes.base import ModelPass
-from compress.pipeline.evaluation import evaluate_artifact
 from compress.pipeline.output_dir import staging_dir
 from compress.pipeline.run import (
     Log,
@@ -35,10 +30,9 @@ from compress.pipeline.run import (
     _calibrate,
     _display_source,
     _export,
-    _recorded,
-    _source_size,
     build_passes,
     default_output,
+    finish_artifact,
     refuse_compressed,
     resolve_device,
 )
@@ -124,32 +118,10 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
         timings["export_s"] = time.perf_counter() - tick
         del model, loaded
 
-        tick = time.perf_counter()
-        metrics: dict[str, Any] = {}
-        if recipe.eval.enabled:
-            metrics = evaluate_artifact(staging, baseline=source, config=recipe.eval, recipe=recipe,
-                                        progress=progress)
-        timings["eval_s"] = time.perf_counter() - tick
-        metrics["parameters_after"] = pruned_parameters
-        size_before, size_after = _source_size(source), dir_size_bytes(staging)
-        ratio = size_before / size_after if size_after else 0.0
-        metrics["compression_ratio"] = ratio
-        gates = check_gates(metrics, max_ppl_increase=recipe.eval.max_ppl_increase,
-                            min_compression_ratio=recipe.eval.min_compression_ratio,
-                            min_cosine=recipe.eval.min_cosine)
-        report = {
-            "source_model": _display_source(source), "parameters": parameters,
-            "parameters_after": pruned_parameters, "size_before_bytes": size_before,
-            "size_after_bytes": size_after, "structured": structure, "layers": [asdict(r) for r in results],
-            "eval": metrics, "gates": [asdict(g) for g in gates],
-        }
-        (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        write_card(staging, source_model=_display_source(source), recipe=_recorded(recipe).model_dump(mode="json"),
-                   calibration=calibration, evaluation=metrics or None, layers=report["layers"],
-                   tool_version=tool_version())
-        write_manifest(staging, source_model=_display_source(source),
-                       recipe=_recorded(recipe).model_dump(mode="json"), calibration=calibration,
-                       evaluation=metrics or None)
+        metrics, gates, size_before, size_after, ratio = finish_artifact(
+            staging, recipe, source, calibration=calibration, parameters=parameters, results=results,
+            timings=timings, progress=progress, extra_metrics={"parameters_after": pruned_parameters},
+            extra_report={"parameters_after": pruned_parameters, "structured": structure})
     timings["total_s"] = time.perf_counter() - start
     result = RunResult(
         output=str(target), model=_display_source(source), parameters=parameters, size_before_bytes=size_before,
