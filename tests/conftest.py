@@ -30,6 +30,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `import _tiny`
 
+if os.environ.get("CI"):
+    # CI replays the same examples on every run (a submission's verdict must not depend on luck); local runs
+    # keep exploring new random examples, and anything they find goes into a test as a fixed case.
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.load_profile("ci")
+
 
 def _tiny_module():
     """``_tiny`` imports torch and transformers: only pay for that (and only put them in sys.modules) when a
