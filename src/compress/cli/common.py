@@ -18,6 +18,19 @@ from compress.cli._output import (
 )
 
 
+def job_flags(*, model, dataset, num_samples, seq_len, seed, output, device, dtype, eval_dataset, eval_windows,
+              do_eval, max_ppl_increase, min_compression_ratio, trust_remote_code, allow_pickle) -> dict[str, Any]:
+    """The options every recipe-running command shares, as recipe field paths (``None``: not given)."""
+    return {
+        "model": model, "calibration.dataset": dataset, "calibration.num_samples": num_samples,
+        "calibration.seq_len": seq_len, "calibration.seed": seed, "output": str(output) if output else None,
+        "device": device, "dtype": dtype, "eval.dataset": eval_dataset, "eval.max_windows": eval_windows,
+        "eval.enabled": do_eval, "eval.max_ppl_increase": max_ppl_increase,
+        "eval.min_compression_ratio": min_compression_ratio, "trust_remote_code": trust_remote_code or None,
+        "allow_pickle": allow_pickle or None,
+    }
+
+
 def execute_recipe(source: str, flags: dict[str, Any], *, overrides: list[str], overwrite: bool, dry_run: bool,
                    as_json: bool, resume: bool = False) -> None:
     """Build the Recipe, then plan it (``dry_run``) or run it; ``resume`` checkpoints every block and

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import execute_recipe
+from compress.cli.common import execute_recipe, job_flags
 from compress.cli.errors import handle_errors
 from compress.core.errors import CompressError
 
@@ -76,16 +76,17 @@ def prune(
     if structured is not None and ratio is None:
         raise CompressError("--structured needs --ratio, the fraction of channels, heads or blocks to remove")
     flags = {
-        "model": model, "stages.*.method": "structured" if structured is not None else method,
+        "stages.*.method": "structured" if structured is not None else method,
         "stages.*.sparsity": sparsity, "stages.*.pattern": pattern, "stages.*.per_layer": _per_layer(per_layer_sparsity),
         "stages.*.target": structured, "stages.*.ratio": ratio, "stages.*.bits": bits,
         "stages.*.group_size": group_size, "stages.*.symmetric": sym, "stages.*.damp": damp,
-        "stages.*.ignore": ignore or None, "calibration.dataset": dataset, "calibration.num_samples": num_samples,
-        "calibration.seq_len": seq_len, "calibration.seed": seed, "output": str(output) if output else None,
-        "device": device, "dtype": dtype, "eval.dataset": eval_dataset, "eval.max_windows": eval_windows,
-        "eval.enabled": do_eval, "eval.max_ppl_increase": max_ppl_increase,
-        "eval.min_compression_ratio": min_compression_ratio, "trust_remote_code": trust_remote_code or None,
-        "allow_pickle": allow_pickle or None,
+        "stages.*.ignore": ignore or None,
+        **job_flags(
+        model=model, dataset=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, output=output,
+        device=device, dtype=dtype, eval_dataset=eval_dataset, eval_windows=eval_windows, do_eval=do_eval,
+        max_ppl_increase=max_ppl_increase, min_compression_ratio=min_compression_ratio,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    ),
     }
     execute_recipe(recipe or "sparse50-sparsegpt", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
                    as_json=as_json, resume=resume)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import execute_recipe
+from compress.cli.common import execute_recipe, job_flags
 from compress.cli.errors import handle_errors
 
 
@@ -52,15 +52,16 @@ def quantize(
 ) -> None:
     """Quantize MODEL's linear layers and write a compressed-tensors (or GPTQ-layout) checkpoint."""
     flags = {
-        "model": model, "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
+        "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
         "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "stages.*.act_order": act_order,
         "stages.*.damp": damp, "stages.*.block_size": block_size, "stages.*.static_groups": static_groups,
-        "stages.*.observer": observer, "stages.*.indivisible": indivisible, "calibration.dataset": dataset,
-        "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.seed": seed,
-        "export.format": export_format, "output": str(output) if output else None, "device": device, "dtype": dtype,
-        "eval.dataset": eval_dataset, "eval.max_windows": eval_windows, "eval.enabled": do_eval,
-        "eval.max_ppl_increase": max_ppl_increase, "eval.min_compression_ratio": min_compression_ratio,
-        "trust_remote_code": trust_remote_code or None, "allow_pickle": allow_pickle or None,
+        "stages.*.observer": observer, "stages.*.indivisible": indivisible, "export.format": export_format,
+        **job_flags(
+        model=model, dataset=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, output=output,
+        device=device, dtype=dtype, eval_dataset=eval_dataset, eval_windows=eval_windows, do_eval=do_eval,
+        max_ppl_increase=max_ppl_increase, min_compression_ratio=min_compression_ratio,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    ),
     }
     execute_recipe(recipe or "w4a16-gptq", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
                    as_json=as_json, resume=resume)

@@ -195,6 +195,16 @@ class PackedWeight:
         return dequantize(codes, scale, zp, self.scheme, self.weight_g_idx, dtype=dtype)
 
 
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Float dtypes a ``weight_scale`` may be stored in."""
+
+
+def scale_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales are stored in by default: the layer's own float dtype (compressed-tensors keeps them
+    in the dtype they were observed in), float32 for anything else."""
+    return weight_dtype if weight_dtype in SCALE_DTYPES else torch.float32
+
+
 def pack_weight(
     w: Tensor,
     scheme: QuantScheme,

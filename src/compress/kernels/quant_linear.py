@@ -12,11 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from compress.core.errors import CompressError
-from compress.core.packing import PackedWeight, pack_weight, packed_size
+from compress.core.packing import PackedWeight, pack_weight, packed_size, scale_dtype_for
 from compress.core.scheme import QuantScheme
 from compress.kernels.ops import dequant_matmul_op
-
-_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class QuantLinear(nn.Module):
@@ -91,7 +89,7 @@ class QuantLinear(nn.Module):
         """
         w = linear.weight.detach()
         if scale_dtype is None:
-            scale_dtype = w.dtype if w.dtype in _SCALE_DTYPES else torch.float32
+            scale_dtype = scale_dtype_for(w.dtype)
         scheme.check_layer("linear", linear.in_features)
         packed = pack_weight(
             w, scheme, scale=scale, zero_point=zero_point, g_idx=g_idx, scale_dtype=scale_dtype

@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from compress.core.errors import CompressError
+from compress.core.packing import SCALE_DTYPES
 from compress.kernels import triton_gemm  # raises ImportError without triton: the path is then skipped
 from compress.kernels.paths import KernelPath, register_path
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from compress.kernels.quant_linear import QuantLinear
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreting() -> bool:
@@ -47,7 +46,7 @@ class TritonPath(KernelPath):
         s = layer.scheme
         if s.bits not in SUPPORTED_BITS:
             return f"the triton kernels support {', '.join(map(str, SUPPORTED_BITS))}-bit codes, not {s.bits}"
-        if layer.weight_scale.dtype not in _SCALE_DTYPES:
+        if layer.weight_scale.dtype not in SCALE_DTYPES:
             return f"the triton kernels read float16/bfloat16/float32 scales, not {layer.weight_scale.dtype}"
         tensors = {"weight_packed": layer.weight_packed, "weight_scale": layer.weight_scale}
         if layer.weight_zero_point is not None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
-from compress.core.packing import pack_weight
+from compress.core.packing import pack_weight, scale_dtype_for
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
@@ -26,7 +25,6 @@ from compress.passes.prune.sparsegpt_math import sparsegpt_prune
 
 logger = logging.getLogger("compress")
 
-_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class SparseGPTConfig(PruneConfig):
@@ -71,7 +69,7 @@ class SparseGPTPass(LayerPass):
             raise CompressError(f"SparseGPT needs calibration inputs for layer {name}, and saw none")
         cfg = self.config
         scheme = cfg.scheme
-        dtype = linear.weight.dtype if linear.weight.dtype in _SCALE_DTYPES else torch.float32
+        dtype = scale_dtype_for(linear.weight.dtype)
         result = sparsegpt_prune(
             linear.weight.detach(), stats.hessian, sparsity=cfg.sparsity_for(name), pattern=cfg.nm,
             block_size=cfg.block_size, damp=cfg.damp, scheme=scheme, scale_dtype=dtype,

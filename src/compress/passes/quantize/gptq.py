@@ -17,7 +17,7 @@ from torch import nn
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
 from compress.core.observers import OBSERVER_ATTR
-from compress.core.packing import PackedWeight, pack_codes, pack_zero_point
+from compress.core.packing import PackedWeight, pack_codes, pack_zero_point, scale_dtype_for
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
@@ -31,7 +31,6 @@ MIN_TOKENS_PER_INPUT = 4
 """Below ``4 × in_features`` calibration tokens the Hessian is (nearly) rank-deficient and damping, not
 data, decides the solution: we warn. The reference setup (128 × 2048 tokens) gives 64× for a 4096-wide layer."""
 
-_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -50,12 +49,6 @@ class GPTQConfig(WeightQuantConfig):
     static_groups: bool = False
     """Compute every group's scale before the sweep, in original contiguous groups (no ``g_idx`` needed).
     Per-channel scales (``group_size: -1``) are always computed up front, so the flag changes nothing there."""
-
-
-def storage_dtype(linear: nn.Linear) -> torch.dtype:
-    """The dtype scales are stored in: the layer's own float dtype (as ``QuantLinear.from_linear``)."""
-    dtype = linear.weight.dtype
-    return dtype if dtype in _SCALE_DTYPES else torch.float32
 
 
 def pack_result(result: GPTQResult, config: GPTQConfig, dtype: torch.dtype,
@@ -111,7 +104,7 @@ class GPTQPass(LayerPass):
             )
         cfg = self.config
         scheme = cfg.scheme_for(k)
-        dtype = storage_dtype(linear)
+        dtype = scale_dtype_for(linear.weight.dtype)
         sparsity = getattr(linear, SPARSITY_ATTR, None)  # pruned by an earlier stage: keep its zeros
         result = gptq_quantize(
             linear.weight.detach(),
