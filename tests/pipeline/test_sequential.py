@@ -74,9 +74,64 @@ def test_llama_groups_follow_execution_order():
     sample = capture_block_inputs(model, blocks, ids, device=torch.device("cpu"))[0]
     names = [n for n in select_layers(model) if n.startswith("model.layers.0.")]
     with torch.inference_mode():
-        groups = execution_groups(model, blocks[0], names, sample, torch.device("cpu"))
-    short = [[n.rsplit(".", 1)[-1] for n in g] for g in groups]
+        found = execution_groups(model, blocks[0], names, sample, torch.device("cpu"))
+    short = [[n.rsplit(".", 1)[-1] for n in g] for g in found.groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert found.stop_early  # every layer called once: the group forwards may stop at the group
+
+
+class HessianRecordingPass(RecordingPass):
+    """Keeps each layer's Hessian, to compare sweeps that batch or stop their forwards differently."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.hessians: dict[str, torch.Tensor] = {}
+
+    def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
+        self.hessians[name] = stats.hessian.clone()
+        return super().apply(name, linear, stats)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "bert"])
+def test_early_exit_and_batching_see_the_same_inputs(family, monkeypatch):
+    """Stopping each group's forward at the group, and running several samples per forward, must feed
+    every layer the same inputs as full one-sample forwards: same token counts, same Hessians, same
+    quantized model."""
+    import compress.pipeline.sequential as sequential
+
+    ids = torch.randint(3, 100, (6, 16))
+    runs = {}
+    for label, early, budget in [("full-one-by-one", False, 16), ("early-batched", True, 64)]:
+        monkeypatch.setattr(sequential, "forward_batch_size",
+                            lambda n, s, budget=budget: max(1, min(n, budget // s)))
+        torch.manual_seed(0)
+        model = _model(family)
+        path, blocks = find_blocks(model)
+        layer_pass = HessianRecordingPass(_RecordingConfig(bits=8, group_size=32))
+        with torch.inference_mode():
+            run_layerwise(model, path, blocks, [(layer_pass, select_layers(model))], device=torch.device("cpu"),
+                          input_ids=ids, early_exit=early)
+            logits = model(input_ids=ids[:2]).logits if family != "bert" else model(input_ids=ids[:2])[0]
+        runs[label] = (layer_pass, logits)
+    one, other = runs["full-one-by-one"][0], runs["early-batched"][0]
+    assert one.seen == other.seen and all(t == 6 * 16 for t in one.seen.values())
+    for name, hessian in one.hessians.items():
+        torch.testing.assert_close(other.hessians[name], hessian, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(runs["early-batched"][1], runs["full-one-by-one"][1], rtol=1e-4, atol=1e-4)
+
+
+def test_quant_linear_dense_cache_is_bit_identical():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    layer = QuantLinear.from_linear(linear, _RecordingConfig(bits=4, group_size=32).scheme)
+    x = torch.randn(3, 64)
+    reference = layer(x)
+    layer.hold_dense_weight(torch.float32)
+    assert layer._dense_cache is not None
+    assert torch.equal(layer(x), reference)
+    assert "_dense_cache" not in layer.state_dict()
+    layer.drop_dense_weight()
+    assert layer._dense_cache is None and torch.equal(layer(x), reference)
 
 
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)

@@ -102,6 +102,20 @@ def outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.dev
             child.to(home)
 
 
+FORWARD_TOKENS = 4096
+"""Calibration tokens run through a block in one forward. Small enough that a batch's activations (and an
+eager attention's scores) stay a few hundred MB on real models; large enough that per-op overhead, which
+dominates one-sample forwards of small models on a CPU, is paid once per batch instead of per sample."""
+
+
+def forward_batch_size(num_samples: int, seq_len: int, token_budget: int = FORWARD_TOKENS) -> int:
+    """Samples per calibration forward: as many as fit in ``token_budget`` tokens, at least one.
+
+    A pure function of the recipe's calibration shape, so a resumed run batches exactly as the
+    interrupted one did (the saved hidden states are per batch)."""
+    return max(1, min(num_samples, token_budget // max(seq_len, 1)))
+
+
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: Tensor, *, device: torch.device,
                          offload: torch.device | None = None, batch_size: int = 1,
                          progress: Callable[[str, int, int], None] | None = None) -> list[BlockInput]:

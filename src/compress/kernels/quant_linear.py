@@ -9,12 +9,14 @@ The forward goes through ``compress::dequant_matmul`` and never branches on the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight, pack_weight, packed_size, scale_dtype_for
 from compress.core.scheme import QuantScheme
 from compress.kernels.ops import dequant_matmul_op
+from compress.kernels.reference import compute_dtype
 
 
 class QuantLinear(nn.Module):
@@ -39,6 +41,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         scheme.validate()
         self.kernel = None  # a compress.kernels.paths.KernelPath chosen at load; None = the reference op
+        self._dense_cache: Tensor | None = None  # see hold_dense_weight
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
@@ -130,9 +133,26 @@ class QuantLinear(nn.Module):
         """The dense weight ``[out, in]`` a reader reconstructs."""
         return self.packed().dequantize(dtype)
 
+    def hold_dense_weight(self, dtype: torch.dtype) -> None:
+        """Keep the dequantized weight (in the reference path's compute dtype for inputs of ``dtype``) until
+        ``drop_dense_weight``: the block sweep runs each freshly quantized layer on every calibration batch
+        of the later groups and of the propagation, and unpacking the codes on each of those forwards was a
+        quarter of GPTQ's time. The result is bit-identical to the reference op (same dequantize, same
+        matmul); the cache is a plain attribute, never part of the state dict or the checkpoint."""
+        probe = torch.empty(0, dtype=dtype, device=self.weight_packed.device)
+        self._dense_cache = self.dequantized_weight(compute_dtype(probe))
+
+    def drop_dense_weight(self) -> None:
+        self._dense_cache = None
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise CompressError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        cached = self._dense_cache
+        if cached is not None and self.kernel is None and cached.dtype == compute_dtype(x) \
+                and cached.device == x.device:
+            bias = None if self.bias is None else self.bias.to(cached.dtype)
+            return F.linear(x.to(cached.dtype), cached, bias).to(x.dtype)
         if self.kernel is not None:
             return self.kernel.forward(self, x)
         s = self.scheme

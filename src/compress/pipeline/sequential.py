@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.calibrate.capture import BlockInput, block_output, capture_block_inputs
+from compress.calibrate.capture import BlockInput, block_output, capture_block_inputs, forward_batch_size
 from compress.core.errors import CompressError
 from compress.passes.base import LayerPass
 
@@ -70,8 +70,19 @@ def _by_block(names: list[str], block_path: str) -> dict[int, list[str]]:
     return grouped
 
 
+@dataclass
+class BlockGroups:
+    """The targeted layers of one block grouped by shared input, in call order, and whether a group's
+    statistics may be collected by a forward that stops as soon as the group's last layer is reached."""
+
+    groups: list[list[str]]
+    stop_early: bool
+    """True when every layer was called exactly once in the probing forward: then nothing after the
+    group's layers can influence their inputs, so the rest of the block need not run."""
+
+
 def execution_groups(model: nn.Module, block: nn.Module, names: list[str], sample: BlockInput,
-                     device: torch.device) -> list[list[str]]:
+                     device: torch.device) -> BlockGroups:
     """``names`` grouped by shared input, in the order the block calls them.
 
     Layers fed the same tensor (q/k/v; gate/up) form one group, calibrated together; a later group sees
@@ -79,9 +90,11 @@ def execution_groups(model: nn.Module, block: nn.Module, names: list[str], sampl
     """
     order: list[str] = []
     seen_input: dict[str, torch.Tensor] = {}  # holds every input alive, so no two can share an address
+    calls: dict[str, int] = {}
     handles = []
     for name in names:
         def hook(module, inputs, output, name=name):
+            calls[name] = calls.get(name, 0) + 1
             if name not in seen_input:
                 seen_input[name] = inputs[0]
                 order.append(name)
@@ -104,24 +117,39 @@ def execution_groups(model: nn.Module, block: nn.Module, names: list[str], sampl
     missing = [n for n in names if n not in seen_input]
     if missing:  # never called during the forward (e.g. an unused branch): compress it last on no data
         groups.append(missing)
-    return groups
+    return BlockGroups(groups, stop_early=not missing and all(count == 1 for count in calls.values()))
+
+
+class _GroupSeen(Exception):
+    """Raised once every layer of the group being calibrated has received its input."""
 
 
 def _calibrate_group(model: nn.Module, block: nn.Module, layer_pass: LayerPass, group: list[str],
-                     inputs: list[BlockInput], device: torch.device) -> dict[str, object]:
+                     inputs: list[BlockInput], device: torch.device, *, stop_early: bool) -> dict[str, object]:
+    """Feed each layer's calibration inputs to its statistics, one forward per calibration batch.
+
+    With ``stop_early`` the forward ends at the group's last layer (before it computes), so the q/k/v
+    group costs a norm rather than a whole block, and only the last group runs (almost) all of it."""
     stats = {name: layer_pass.make_stats(name, model.get_submodule(name)) for name in group}
+    pending: set[str] = set()
     handles = []
     for name, stat in stats.items():
-        if stat is None:
-            continue
+        def hook(module, args, stat=stat, name=name):
+            if stat is not None:
+                stat.add_batch(args[0].detach())
+            if stop_early:
+                pending.discard(name)
+                if not pending:
+                    raise _GroupSeen
 
-        def hook(module, args, output, stat=stat):
-            stat.add_batch(args[0].detach())
-
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for item in inputs:
-            block_output(block, item.to(device))
+            pending.update(group)
+            try:
+                block_output(block, item.to(device))
+            except _GroupSeen:
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -134,7 +162,7 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                   prepare_block: Callable[[int], None] | None = None,
                   progress: Progress | None = None, start_block: int = 0,
                   start_hidden: list[torch.Tensor] | None = None,
-                  on_block: BlockDone | None = None) -> list[LayerResult]:
+                  on_block: BlockDone | None = None, early_exit: bool = True) -> list[LayerResult]:
     """Apply each pass to its layers, block by block, swapping in the modules the passes return.
 
     ``prepare_block(i)`` is called right before block ``i`` is used (streaming loads read its weights then).
@@ -142,17 +170,25 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
     skipped; ``start_hidden`` are the inputs of block ``start_block``. ``on_block(i, block, results,
     next_hidden)`` runs after each block is done and before its progress is reported, so a checkpoint
     written there survives an interrupt raised by the progress callback.
+
+    Cost per block, with ``B`` calibration batches (``forward_batch_size`` samples each): one probing
+    forward, then per group ``B`` forwards that stop at the group (``early_exit``; off, each is a full
+    block), then ``B`` full forwards to propagate. Quantized layers keep a dequantized weight while their
+    block is being swept, so the later forwards do not unpack codes again.
     """
     calibrated = any(p.needs_calibration for p, _ in plan)
     inputs: list[BlockInput] = []
     if calibrated:
         if input_ids is None:
             raise CompressError("this method needs calibration data")
-        inputs = capture_block_inputs(model, blocks, input_ids, device=device, offload=offload, progress=progress)
+        batch = forward_batch_size(input_ids.shape[0], input_ids.shape[1])
+        inputs = capture_block_inputs(model, blocks, input_ids, device=device, offload=offload, batch_size=batch,
+                                      progress=progress)
         if start_hidden is not None:  # the masks and rotary arguments are recomputed; the hidden states restored
             inputs = [item.with_hidden(h) for item, h in zip(inputs, start_hidden, strict=True)]
     per_pass = [(p, _by_block(names, block_path)) for p, names in plan]
     results: list[LayerResult] = []
+    held: list[nn.Module] = []  # quantized layers of the current block keeping a dequantized weight
     total = len(blocks)
     store = offload or torch.device("cpu")
     for index, block in enumerate(blocks):
@@ -168,11 +204,12 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
             if not names:
                 continue
             if layer_pass.needs_calibration:
-                groups = execution_groups(model, block, names, inputs[0], device)
+                found = execution_groups(model, block, names, inputs[0], device)
+                groups, stop_early = found.groups, found.stop_early and early_exit
             else:
-                groups = [names]
+                groups, stop_early = [names], False
             for group in groups:
-                stats = (_calibrate_group(model, block, layer_pass, group, inputs, device)
+                stats = (_calibrate_group(model, block, layer_pass, group, inputs, device, stop_early=stop_early)
                          if layer_pass.needs_calibration else {})
                 for name in group:
                     linear = model.get_submodule(name)
@@ -184,11 +221,17 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                         rel_weight_error=_relative_error(original, replacement),
                     ))
                     swap_module(model, name, replacement)
+                    if calibrated and hasattr(replacement, "hold_dense_weight"):
+                        replacement.hold_dense_weight(original.dtype)
+                        held.append(replacement)
                     stat = stats.get(name)
                     if stat is not None and hasattr(stat, "free"):
                         stat.free()
         if calibrated and index + 1 < total:
             inputs = [item.with_hidden(block_output(block, item.to(device)).to(store)) for item in inputs]
+        for module in held:
+            module.drop_dense_weight()
+        held.clear()
         block.to(home)
         if on_block is not None:
             propagated = calibrated and index + 1 < total
