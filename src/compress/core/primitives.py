@@ -77,13 +77,25 @@ def compute_qparams(
     if isinstance(clip_ratio, Tensor) or clip_ratio != 1.0:
         ratio = torch.as_tensor(clip_ratio, dtype=torch.float32, device=w.device)
         mins, maxs = mins * ratio, maxs * ratio
+    return qparams_from_range(mins, maxs, scheme)
+
+
+def group_minmax(w: Tensor, scheme: QuantScheme, g_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-(row, group) min and max of ``w`` ``[out, in]`` in float32, each ``[out, n_groups]``."""
+    _check_weight(w)
+    return _group_minmax(w.detach().float(), scheme, g_idx)
+
+
+def qparams_from_range(mins: Tensor, maxs: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
+    """Scale and zero point from an observed (possibly clipped) range of any shape: the one formula, so a
+    search over many candidate ranges at once computes exactly what ``compute_qparams`` stores."""
     mins = torch.clamp(mins, max=0.0)
     maxs = torch.clamp(maxs, min=0.0)
     span = float(scheme.qmax - scheme.qmin)
     if scheme.symmetric:
         scale = torch.maximum(mins.abs(), maxs.abs()) / (span / 2)
         scale = torch.where(scale == 0, torch.full_like(scale, _EPS), scale)
-        return scale, torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+        return scale, torch.zeros(scale.shape, dtype=torch.int32, device=mins.device)
     scale = (maxs - mins) / span
     scale = torch.where(scale == 0, torch.full_like(scale, _EPS), scale)
     zp = torch.clamp(scheme.qmin - mins / scale, scheme.qmin, scheme.qmax).round()
