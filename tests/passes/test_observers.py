@@ -88,3 +88,26 @@ def test_rtn_uses_the_observer() -> None:
     assert (w - mse.dequantized_weight()).square().sum() < (w - mm.dequantized_weight()).square().sum()
     with pytest.raises(ValueError):
         RTNConfig(observer="avg")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_batched_clip_search_matches_the_per_ratio_loop(bits, symmetric, group_size, monkeypatch):
+    """The contiguous-group search evaluates many ratios per step; the general path (taken with an
+    explicit g_idx) loops over them one at a time. Both must pick exactly the same scales and zero points,
+    including the tie rule, whatever the step size."""
+    import compress.core.observers as observers
+    from compress.core.primitives import group_index
+
+    torch.manual_seed(bits * 10 + group_size)
+    w = torch.randn(48, 128) * torch.rand(48, 1)
+    w[3, 5] = 9.0  # an outlier worth clipping
+    importance = torch.rand(128)
+    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    g_idx = group_index(128, scheme).to(torch.int32)
+    loop = choose_qparams(w, scheme, observer="mse", importance=importance, g_idx=g_idx)
+    for step in (1, 48 * 128 * 7, 1 << 20):
+        monkeypatch.setattr(observers, "_SEARCH_ELEMENTS", step)
+        fast = choose_qparams(w, scheme, observer="mse", importance=importance)
+        assert torch.equal(fast[0], loop[0]) and torch.equal(fast[1], loop[1])
