@@ -203,9 +203,15 @@ def test_existing_output_needs_overwrite(llama_dir, corpus, tmp_path):
     assert result.exit_code == 2
     assert "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only a previous output of compress (issue 9), never a folder of the user's files
+    result = invoke(quantize_args(llama_dir, corpus, out, "--no-eval", "--overwrite"))
+    assert result.exit_code == 2 and "not a previous output of compress" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert invoke(quantize_args(llama_dir, corpus, out, "--no-eval", "--method", "rtn")).exit_code == 0
     result = invoke(quantize_args(llama_dir, corpus, out, "--no-eval", "--overwrite"))
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists() and "gptq" in (out / "recipe.yaml").read_text()
 
 
 def test_help_does_not_import_torch():

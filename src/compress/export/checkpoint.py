@@ -8,6 +8,7 @@ are written in sorted name order with fixed metadata so that the same model give
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -75,20 +76,40 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list
     return shards
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` can only swap)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file``, then the mode any other tool would give a new file (0666 less the umask: 0644 under
+    umask 022) instead of the 0600 that safetensors creates its files with."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[Path]:
     """Safetensors shards plus an index when there is more than one, as transformers writes them."""
     shards = _shards(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
         path = out_dir / WEIGHTS_NAME
-        save_file({n: tensors[n] for n in shards[0]}, str(path), metadata=metadata)
+        _save({n: tensors[n] for n in shards[0]}, path, metadata)
         return [path]
     paths: list[Path] = []
     weight_map: dict[str, str] = {}
     total = 0
     for index, names in enumerate(shards, start=1):
         file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, str(out_dir / file_name), metadata=metadata)
+        _save({n: tensors[n] for n in names}, out_dir / file_name, metadata)
         paths.append(out_dir / file_name)
         for n in names:
             weight_map[n] = file_name

@@ -134,7 +134,7 @@ def _copy_side_files(source: Path, out_dir: Path) -> list[str]:
     copied = []
     for path in sorted(source.iterdir()):
         if path.is_file() and path.suffix != ".safetensors" and path.name not in _NOT_COPIED:
-            shutil.copy2(path, out_dir / path.name)
+            shutil.copyfile(path, out_dir / path.name)  # new files, modes as the umask says (not the source's)
             copied.append(path.name)
     return copied
 

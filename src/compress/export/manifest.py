@@ -16,6 +16,7 @@ from typing import Any
 from compress.core.errors import CompressError
 
 MANIFEST_NAME = "manifest.json"
+TOOL_NAME = "compress-toolkit"
 _LIBRARIES = ("torch", "transformers", "safetensors", "datasets", "compressed-tensors")
 
 
@@ -58,7 +59,7 @@ def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(folder: Path, *, source_model: str, recipe: dict, calibration: dict | None,
                    evaluation: dict | None) -> Path:
     manifest = {
-        "tool": {"name": "compress-toolkit", "version": tool_version()},
+        "tool": {"name": TOOL_NAME, "version": tool_version()},
         "libraries": library_versions(),
         "source_model": source_model,
         "recipe": recipe,
@@ -85,6 +86,21 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise CompressError(f"{path} has no 'files' table of hashes")
     return data
+
+
+def our_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of ``folder`` when this toolkit wrote it (its ``tool.name`` and a ``files`` table), else
+    None: how ``--overwrite`` tells a previous output of ours from any other folder (a file merely named
+    manifest.json is not enough)."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return None
+    tool = data.get("tool")
+    return data if isinstance(tool, dict) and tool.get("name") == TOOL_NAME else None
 
 
 def _listed_path(folder: Path, rel: str) -> Path | None:

@@ -46,7 +46,7 @@ from compress.models.load import (
 )
 from compress.passes import PASSES, LayerPass
 from compress.pipeline.evaluation import context_length, evaluate_artifact, is_compressed
-from compress.pipeline.output_dir import partial_dir, staging_dir
+from compress.pipeline.output_dir import output_path, partial_dir, staging_dir
 from compress.pipeline.resume import open_checkpoint, resumable_sweep
 from compress.pipeline.sequential import check_layers
 from compress.recipes.loader import dump_recipe
@@ -91,8 +91,8 @@ def model_name(source: str) -> str:
 
 
 def default_output(recipe: Recipe) -> Path:
-    if recipe.output:
-        return Path(recipe.output)
+    if recipe.output is not None:
+        return output_path(recipe.output)
     source = resolve_model_source(recipe.model)
     return Path("compressed") / f"{model_name(source)}-{scheme_tag(recipe)}"
 
@@ -125,14 +125,14 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
     say = log or (lambda message: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    target = Path(out_dir) if out_dir is not None else default_output(recipe)
+    target = output_path(out_dir) if out_dir is not None else default_output(recipe)
     device = resolve_device(recipe.device)
     source = resolve_model_source(recipe.model)
     refuse_compressed(source)
 
     if not resume and partial_dir(target).is_dir():
         say(f"ignoring the interrupted run in {partial_dir(target)} (pass --resume to continue it)")
-    with staging_dir(target, overwrite, resumable=resume) as staging:
+    with staging_dir(target, overwrite, resumable=resume, source=source) as staging:
         checkpoint = open_checkpoint(partial_dir(target), _recorded(recipe).model_dump(mode="json"), resume)
         tick = time.perf_counter()
         if progress is not None:

@@ -22,7 +22,7 @@ from compress.models.blocks import find_blocks, find_linears, plan_layers, selec
 from compress.models.load import load_config, load_model, resolve_model_source
 from compress.passes import PASSES
 from compress.passes.base import ModelPass
-from compress.pipeline.output_dir import staging_dir
+from compress.pipeline.output_dir import output_path, staging_dir
 from compress.pipeline.run import (
     Log,
     Progress,
@@ -81,13 +81,13 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
     say = log or (lambda message: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    target = Path(out_dir) if out_dir is not None else default_output(recipe)
+    target = output_path(out_dir) if out_dir is not None else default_output(recipe)
     device = resolve_device(recipe.device)
     source = resolve_model_source(recipe.model)
     refuse_compressed(source)
     whole, layerwise = check_structured(recipe, source)
 
-    with staging_dir(target, overwrite) as staging:
+    with staging_dir(target, overwrite, source=source) as staging:
         tick = time.perf_counter()
         loaded = load_model(source, dtype=recipe.dtype, device="cpu", trust_remote_code=recipe.trust_remote_code,
                             allow_pickle=recipe.allow_pickle)
