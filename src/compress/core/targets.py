@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from functools import lru_cache
 
-__all__ = ["matches", "matches_any"]
+from compress.core.errors import CompressError
+
+__all__ = ["check_pattern", "check_patterns", "matches", "matches_any"]
 
 _REGEX_PREFIX = "re:"
 
@@ -24,7 +26,30 @@ _REGEX_PREFIX = "re:"
 @lru_cache(maxsize=512)
 def _compile(regex: str) -> re.Pattern[str]:
     """Patterns are matched against every layer of a model, so compile each one once."""
-    return re.compile(regex)
+    try:
+        return re.compile(regex)
+    except (re.error, RecursionError, OverflowError) as error:
+        raise CompressError(_bad_regex(_REGEX_PREFIX + regex, error)) from None
+
+
+def _bad_regex(pattern: str, error: BaseException) -> str:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"pattern {pattern!r} is not a valid regular expression ({reason})"
+
+
+def check_pattern(pattern: str) -> str:
+    """``pattern`` unchanged if it can be matched; ``CompressError`` naming it when its ``re:`` regex does not
+    compile (globs always do). Recipes call this when they are built, so a bad pattern never reaches a model."""
+    if not isinstance(pattern, str):
+        raise CompressError(f"pattern {pattern!r} is not a string")
+    if pattern.startswith(_REGEX_PREFIX):
+        _compile(pattern[len(_REGEX_PREFIX) :])
+    return pattern
+
+
+def check_patterns(patterns: Iterable[str]) -> list[str]:
+    """Every pattern checked with :func:`check_pattern`, as a list."""
+    return [check_pattern(p) for p in patterns]
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from compress.core.errors import CompressError
-from compress.recipes.loader import validation_message
+from compress.recipes.loader import clean_loc, error_reason, validation_message
 from compress.recipes.schema import Recipe
 
 # recipe field path → (flag, how the flag reads); stage fields apply to every stage
@@ -27,11 +27,15 @@ FLAG_FIELDS: dict[str, str] = {
     "calibration.num_samples": "--num-samples",
     "calibration.seq_len": "--seq-len",
     "calibration.seed": "--seed",
+    "calibration.doc_separator": "--doc-separator",
     "eval.enabled": "--eval/--no-eval",
     "eval.dataset": "--eval-dataset",
+    "eval.seq_len": "--eval-seq-len",
+    "eval.doc_separator": "--doc-separator",
     "eval.max_windows": "--eval-windows",
     "eval.max_ppl_increase": "--max-ppl-increase",
     "eval.min_compression_ratio": "--min-compression-ratio",
+    "eval.min_cosine": "--min-cosine",
     "stages.*.method": "--method",
     "stages.*.bits": "--bits",
     "stages.*.group_size": "--group-size",
@@ -60,16 +64,29 @@ def _fields_of(method: str) -> set[str] | None:
     return set(PASSES.get(method).config_cls.model_fields) - {"method"}
 
 
+# a flag that decides the shape of pruning replaces the base recipe's field for the other shape, so that
+# `prune --pattern 1:4` on the 50%-sparsity default is 1:4 (not a conflict with the preset's 0.5), while both
+# flags given together are still refused by the stage config
+_REPLACES: dict[str, str] = {"stages.*.pattern": "sparsity", "stages.*.sparsity": "pattern"}
+
+
 def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     """``flags`` maps recipe field paths (as in FLAG_FIELDS) to values; None means 'not given'."""
     data = copy.deepcopy(base)
+    for path, other in _REPLACES.items():
+        if flags.get(path) is not None and flags.get(f"stages.*.{other}") is None:
+            for stage in data.get("stages") if isinstance(data.get("stages"), list) else []:
+                if isinstance(stage, dict):
+                    stage.pop(other, None)
     for path, value in flags.items():
         if value is None:
             continue
         parts = path.split(".")
         if parts[0] == "stages":
             stages = data.setdefault("stages", [{}])
-            for stage in stages:
+            for stage in stages if isinstance(stages, list) else []:
+                if not isinstance(stage, dict):
+                    continue  # validation names it
                 if parts[-1] == "method" and stage.get("method") != value:
                     # a different method keeps only the base recipe's fields that it also has
                     accepted = _fields_of(value) or set()
@@ -80,8 +97,12 @@ def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
             continue
         node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break  # e.g. `eval: 5` in the base recipe: validation names it
+            node = child
+        else:
+            node[parts[-1]] = value
     return data
 
 
@@ -90,18 +111,17 @@ def recipe_from_flags(base: dict[str, Any], flags: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        key = ".".join("*" if (i == 1 and loc[0] == "stages") else p for i, p in enumerate(loc))
-        # discriminated unions insert the method tag into the path: stages.0.rtn.bits
-        if loc and loc[0] == "stages" and len(loc) >= 4:
-            key = f"stages.*.{loc[-1]}"
-        flag = FLAG_FIELDS.get(key)
-        if flag is not None and _given(flags, key) and first["type"] == "extra_forbidden":
-            methods = sorted({stage.get("method", "?") for stage in data.get("stages", [])})
-            raise CompressError(f"{flag} does not apply to --method {', '.join(methods)}") from None
-        if flag is not None and _given(flags, key):
-            raise CompressError(f"{flag}: {first['msg']}") from None
+        for problem in error.errors():  # a problem a flag caused is named by that flag
+            loc = clean_loc(problem["loc"])
+            key = ".".join(("*" if (i == 1 and loc[0] == "stages") else p) for i, p in enumerate(loc[:3]))
+            flag = FLAG_FIELDS.get(key)
+            if flag is None or not _given(flags, key):
+                continue
+            if problem["type"] == "extra_forbidden":
+                stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+                methods = sorted({str(s.get("method", "?")) if isinstance(s, dict) else "?" for s in stages})
+                raise CompressError(f"{flag} does not apply to --method {', '.join(methods)}") from None
+            raise CompressError(f"{flag}: {error_reason(problem)}") from None
         raise CompressError(validation_message(error)) from None
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compress.core.errors import CompressError
+from compress.core.targets import check_patterns
 from compress.passes import PASSES
 
 
@@ -25,6 +27,10 @@ class CalibrationConfig(_Strict):
     seq_len: int | None = Field(None, ge=8, le=131_072)
     """``None``: the model's context length, capped at 2048."""
     seed: int = 0
+    doc_separator: str | None = Field(None, min_length=1)
+    """How a plain ``.txt`` file is cut into documents: ``None`` (default) keeps the whole file as one
+    document, newlines included; a string such as ``"\\n\\n"`` splits the text at it. Rows of JSON / CSV /
+    parquet / hub datasets are always one document each (``compress.calibrate.data``)."""
 
 
 class EvalConfig(_Strict):
@@ -33,6 +39,9 @@ class EvalConfig(_Strict):
     enabled: bool = True
     dataset: str = "demo-heldout"
     seq_len: int | None = Field(None, ge=8, le=131_072)
+    """Perplexity window length; ``None``: the model's context length, capped at 2048."""
+    doc_separator: str | None = Field(None, min_length=1)
+    """As ``calibration.doc_separator``, for the eval text: ``None`` scores a ``.txt`` file as one stream."""
     max_windows: int | None = Field(None, ge=1)
     max_ppl_increase: float | None = Field(None, ge=0)
     min_compression_ratio: float | None = Field(None, gt=0)
@@ -101,3 +110,28 @@ class Recipe(_Strict):
     eval: EvalConfig = EvalConfig()
     output: str | None = None
     """``None``: ``./compressed/<model-name>-<scheme>``."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        """What can be refused from the recipe alone, before any model or data is read."""
+        for index, stage in enumerate(self.stages):
+            try:
+                check_patterns(getattr(stage, "ignore", ()))
+            except CompressError as error:
+                raise ValueError(f"has an invalid ignore pattern in stage {index} ({stage.method}): {error}") from None
+        if not self.eval.enabled:
+            needs_eval = [(field, flag) for field, flag in GATES_NEEDING_EVAL if getattr(self.eval, field) is not None]
+            if needs_eval:
+                field, flag = needs_eval[0]
+                raise ValueError(
+                    f"sets the gate eval.{field} ({flag}) but eval is disabled (eval.enabled: false, --no-eval), "
+                    "so the gate could never be checked; enable eval or drop the gate"
+                )
+        return self
+
+
+GATES_NEEDING_EVAL: tuple[tuple[str, str], ...] = (
+    ("max_ppl_increase", "--max-ppl-increase"),
+    ("min_cosine", "--min-cosine"),
+)
+"""Gates measured by the eval of the export (the compression ratio is measured without it)."""

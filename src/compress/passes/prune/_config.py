@@ -6,24 +6,70 @@ Its own module because a pass module never imports another pass module (DESIGN: 
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from compress.core.errors import CompressError
 from compress.core.sparsity import SPARSITY_ATTR, NMPattern, check_sparsity, mask_for
-from compress.core.targets import matches
+from compress.core.targets import check_pattern, check_patterns, matches
 from compress.passes.base import PassConfig
 
 
 class PruneConfig(PassConfig):
-    """How much to prune and in which shape."""
+    """How much to prune and in which shape. Options that could not all take effect are refused, never
+    silently dropped: ``sparsity`` other than 1 - N/M with a ``pattern``, ``per_layer`` with a ``pattern``,
+    and quantization options (``group_size``, ``symmetric``) without ``bits`` on a pruner that has them."""
 
     sparsity: float = Field(0.5, ge=0, lt=1)
-    """Fraction of each row's weights removed (ignored with ``pattern``, which fixes it at 1 - N/M)."""
+    """Fraction of each row's weights removed. With ``pattern`` it is 1 - N/M, filled in when not given (so
+    the recorded recipe says what was done) and refused when given as anything else."""
     pattern: str | None = None
     """``N:M`` semi-structured sparsity (``2:4``: keep 2 of every 4 consecutive inputs), or unstructured."""
     per_layer: dict[str, float] = {}
     """Layer name pattern → sparsity (glob or ``re:``), first match wins; other layers use ``sparsity``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_shape(cls, data: Any) -> Any:
+        """N:M fixes the sparsity of every layer, so a different sparsity or per-layer map cannot apply."""
+        if not isinstance(data, dict) or data.get("pattern") is None:
+            return data
+        try:
+            nm = NMPattern.parse(str(data["pattern"]))
+        except CompressError:
+            return data  # the field validator names it
+        if data.get("per_layer"):
+            raise ValueError(f"per_layer sparsities (--per-layer-sparsity) do not combine with pattern {nm} "
+                             f"(--pattern), which fixes every layer's sparsity at {nm.sparsity:g}; give one of them")
+        given = data.get("sparsity")
+        if given is None:
+            return {**data, "sparsity": nm.sparsity}
+        if isinstance(given, int | float) and not isinstance(given, bool) and abs(given - nm.sparsity) > 1e-9:
+            raise ValueError(f"sparsity {given:g} (--sparsity) conflicts with pattern {nm} (--pattern), which "
+                             f"keeps {nm.n} of every {nm.m} weights, a sparsity of {nm.sparsity:g}; give one of them")
+        return data
+
+    @model_validator(mode="after")
+    def _quantize_options_need_bits(self) -> PruneConfig:
+        """A pruner that can also quantize (SparseGPT's ``bits``) ignores the scheme options without bits."""
+        fields = type(self).model_fields
+        if "bits" not in fields or getattr(self, "bits", None) is not None:
+            return self
+        for name, flag in (("group_size", "--group-size"), ("symmetric", "--sym/--asym")):
+            if name in fields and getattr(self, name) != fields[name].default:
+                raise ValueError(f"{name} ({flag}) applies only when bits (--bits) quantizes the kept weights; "
+                                 "give bits or drop it")
+        return self
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_compiles(cls, value: list[str]) -> list[str]:
+        try:
+            return check_patterns(value)
+        except CompressError as error:
+            raise ValueError(str(error)) from None
 
     @field_validator("pattern")
     @classmethod
@@ -39,6 +85,10 @@ class PruneConfig(PassConfig):
     @classmethod
     def _per_layer_valid(cls, value: dict[str, float]) -> dict[str, float]:
         for pattern, sparsity in value.items():
+            try:
+                check_pattern(pattern)
+            except CompressError as error:
+                raise ValueError(str(error)) from None
             try:
                 check_sparsity(float(sparsity))
             except CompressError as error:
@@ -56,9 +106,7 @@ class PruneConfig(PassConfig):
         return self.sparsity
 
     def check_prunable(self, name: str, linear: nn.Linear) -> None:
-        if self.nm is not None:
-            if self.per_layer:
-                raise CompressError("per-layer sparsity does not combine with an N:M pattern (N:M fixes it)")
+        if self.nm is not None:  # per_layer with a pattern is refused when the config is built
             self.nm.check_layer(name, linear.in_features)
 
     def tag(self) -> str:
