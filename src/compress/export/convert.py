@@ -28,6 +28,7 @@ from compress.export.gptq import (
 )
 from compress.export.load import _check_quant_config, read_json, read_tensors, scheme_for, weight_files
 from compress.export.manifest import MANIFEST_NAME, write_manifest
+from compress.export.st_files import copy_sentence_transformers_files
 
 FORMATS = ("compressed-tensors", "gptq")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -102,6 +103,7 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
     config_data["quantization_config"] = new_quant
     (out_dir / "config.json").write_text(json.dumps(config_data, indent=2, sort_keys=True) + "\n")
     copied = _copy_side_files(source, out_dir)
+    copied += [name for name in copy_sentence_transformers_files(source, out_dir) if name not in copied]
     recipe = _converted_recipe(source, out_dir, to)
     manifest = _read_manifest(source)
     if recipe:  # our own artifact: the card is rewritten for the new layout (a foreign README is copied as is)

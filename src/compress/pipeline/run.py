@@ -36,6 +36,7 @@ from compress.export.gptq import (
     write_quantize_config,
 )
 from compress.export.manifest import tool_version, write_manifest
+from compress.export.st_files import copy_sentence_transformers_files
 from compress.models.blocks import find_blocks, find_linears, select_layers
 from compress.models.load import (
     LoadedModel,
@@ -163,7 +164,7 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        _export(model, loaded, staging, recipe, all_linears, in_blocks)
+        _export(model, loaded, staging, recipe, all_linears, in_blocks, source=source)
         timings["export_s"] = time.perf_counter() - tick
         del model, loaded
 
@@ -259,7 +260,10 @@ def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log,
             "tokens": int(samples.input_ids.numel()), "fingerprint": samples.fingerprint}, samples.input_ids
 
 
-def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linears, in_blocks: list[str]) -> None:
+def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linears, in_blocks: list[str], *,
+            source: str | None = None) -> None:
+    """Weights, config, generation config, tokenizer, the recorded recipe and, for a sentence-transformers
+    source, its pipeline files (modules.json, 1_Pooling/, ...) so ``SentenceTransformer(out)`` opens it."""
     tensors = checkpoint_tensors(model)
     quant_config = quantization_config(model, all_linears)
     if recipe.export.format == "gptq":
@@ -271,6 +275,8 @@ def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linea
     if generation is not None and loaded.kind == "causal-lm":
         generation.save_pretrained(str(staging))
     loaded.tokenizer.save_pretrained(str(staging))
+    if source is not None:
+        copy_sentence_transformers_files(source, staging)
     (staging / "recipe.yaml").write_text(dump_recipe(_recorded(recipe)))
 
 

@@ -114,7 +114,7 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        _export(model, loaded, staging, recipe, all_linears, in_blocks)
+        _export(model, loaded, staging, recipe, all_linears, in_blocks, source=source)
         timings["export_s"] = time.perf_counter() - tick
         del model, loaded
 
