@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -63,11 +64,70 @@ def info(message: str) -> None:
     err.print(message)
 
 
+def stderr_is_terminal() -> bool:
+    """Whether stderr is an interactive terminal that can redraw bars (not a pipe, a file or a CI log)."""
+    isatty = getattr(err.file, "isatty", None)
+    try:
+        tty = bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        tty = False
+    return tty and err.is_terminal and not err.is_dumb_terminal
+
+
+class PlainProgress:
+    """Progress as plain lines for a stderr that is not a terminal (``> log 2>&1``, CI): no ANSI, one line
+    each, flushed, e.g. ``[compress] block 3/12 (gptq) 25.1 s`` (time since the command started).
+
+    Per-block steps get a line each; other counters (tokenization, captured inputs, eval windows) a line when
+    they finish and at most one per ``interval`` seconds while they run, so a log is not flooded.
+    """
+
+    STEPS = ("compress blocks", "score blocks")
+
+    def __init__(self, stream: Any, *, what: str | None = None, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.what, self.interval, self.clock = stream, what, interval, clock
+        self.start = clock()
+        self._last: dict[str, float] = {}
+        self._shown: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        now = self.clock()
+        shown = self._shown.get(label)
+        if shown is not None and done < shown[0]:  # the counter starts again (a second eval pass)
+            del self._shown[label]
+            self._last[label] = now
+            shown = None
+        self._last.setdefault(label, now)
+        if shown == (done, total) or done <= 0:
+            return
+        finished = total > 0 and done >= total
+        step = label in self.STEPS or label.startswith("prune ")
+        if not (finished or step or now - self._last[label] >= self.interval):
+            return
+        self._last[label], self._shown[label] = now, (done, total)
+        self.stream.write(f"[compress] {self._describe(label, done, total)} {now - self.start:.1f} s\n")
+        self.stream.flush()
+
+    def _describe(self, label: str, done: int, total: int) -> str:
+        if label == "load model":
+            return "model loaded"
+        if label == "compress blocks":
+            return f"block {done}/{total}" + (f" ({self.what})" if self.what else "")
+        if label in self.STEPS or label.startswith("prune "):
+            return f"{label}: block {done}/{total}"
+        return f"{label} {done}/{total}"
+
+
 @contextmanager
-def progress_bars(enabled: bool = True) -> Iterator[Any]:
-    """Yield a ``progress(label, done, total)`` callback drawing one bar per label on stderr."""
-    if not enabled or not err.is_terminal:
+def progress_bars(enabled: bool = True, what: str | None = None) -> Iterator[Any]:
+    """Yield a ``progress(label, done, total)`` callback for stderr: one bar per label on a terminal, plain
+    lines otherwise (``PlainProgress``). ``what`` names the block sweep's methods in those lines."""
+    if not enabled:
         yield lambda label, done, total: None
+        return
+    if not stderr_is_terminal():
+        yield PlainProgress(err.file, what=what)
         return
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=False)
@@ -84,6 +144,19 @@ def progress_bars(enabled: bool = True) -> Iterator[Any]:
 
 def print_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_yaml(payload: dict[str, Any]) -> None:
+    """``payload`` as YAML on stdout, written raw (no rich wrapping or markup: the output must parse)."""
+    import yaml
+
+    write_raw(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True))
+
+
+def write_raw(text: str) -> None:
+    """``text`` on stdout exactly as given: for output users redirect into files (YAML, recipes)."""
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import typer
 
 from compress.cli._output import human_bytes, info, out, print_json
+from compress.cli._params import flag
 from compress.cli.errors import handle_errors
 
 
@@ -20,7 +21,7 @@ def bench(
     kernel: str = typer.Option("auto", help="Forward path of quantized layers: auto, reference, cpu or triton."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     repeats: int = typer.Option(3, help="Timed prefill runs after a warm-up (the median is reported)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    as_json: bool = flag("--json", "Print one JSON object on stdout."),
 ) -> None:
     """Measure PATH's speed and memory (random prompts), optionally against --baseline."""
     from compress.evaluate.speed import compare, measure

@@ -50,6 +50,10 @@ def handle_errors(func: F) -> F:
         except GateFailed as error:
             if as_json:
                 print_json({**error.report, "error": str(error), "exit_code": 3})
+            elif error.report:  # the metrics that failed the gate, then the verdict
+                from compress.cli.common import print_report
+
+                print_report(error.report)
             err.print(f"[red]gate failed:[/red] {error}", markup=True, highlight=False)
             raise typer.Exit(3) from None
         except KeyboardInterrupt as error:

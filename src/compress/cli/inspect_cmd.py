@@ -7,14 +7,15 @@ from pathlib import Path
 import typer
 
 from compress.cli._output import human_bytes, out, print_json
+from compress.cli._params import flag
 from compress.cli.errors import handle_errors
 
 
 @handle_errors
 def inspect(
     path: str = typer.Argument(..., help="A checkpoint folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    dry_run: bool = typer.Option(False, help="Accepted for symmetry; inspect never loads weights."),
+    as_json: bool = flag("--json", "Print one JSON object."),
+    dry_run: bool = flag("--dry-run", "Accepted for symmetry; inspect never loads weights."),
 ) -> None:
     """Layers, schemes, bits per weight and size by component of a checkpoint."""
     from compress.evaluate.inspect import inspect_checkpoint

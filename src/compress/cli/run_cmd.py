@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from compress.cli._params import flag
 from compress.cli.common import execute_recipe
 from compress.cli.errors import handle_errors
 
@@ -15,11 +16,11 @@ def run(
     recipe: str = typer.Argument(..., help="Recipe YAML file or built-in recipe name."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a field: key.path=value (repeatable)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (overrides the recipe)."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
-    resume: bool = typer.Option(False, help="Save each finished block; re-run the same command with --resume "
+    overwrite: bool = flag("--overwrite", "Replace a non-empty output folder."),
+    resume: bool = flag("--resume", "Save each finished block; re-run the same command with --resume "
                                 "after an interrupt to continue from the last saved block."),
-    dry_run: bool = typer.Option(False, help="Print the resolved recipe and layers; load no weights."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    dry_run: bool = flag("--dry-run", "Print the resolved recipe and layers; load no weights."),
+    as_json: bool = flag("--json", "Print one JSON object on stdout."),
 ) -> None:
     """Run a recipe end to end."""
     execute_recipe(recipe, {"output": str(output) if output else None}, overrides=set_ or [],

@@ -9,13 +9,14 @@ from __future__ import annotations
 import typer
 
 from compress.cli._output import err, info, print_json
+from compress.cli._params import flag
 from compress.cli.errors import handle_errors
 
 
 @handle_errors
 def verify(
     path: str = typer.Argument(..., help="An output folder written by compress (holds manifest.json)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    as_json: bool = flag("--json", "Print one JSON object on stdout."),
 ) -> None:
     """Check every file of PATH against the sha256 recorded in its manifest.json."""
     from pathlib import Path
