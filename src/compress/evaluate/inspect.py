@@ -11,7 +11,13 @@ from safetensors import SafetensorError, safe_open
 from compress.core.errors import CompressError
 from compress.core.packing import packed_size
 from compress.core.scheme import QuantScheme
-from compress.evaluate.size import safetensors_header_meta, weights_bytes_by_component
+from compress.evaluate.size import (
+    DENSE,
+    QPARAMS,
+    QUANTIZED,
+    safetensors_header_meta,
+    weights_bytes_by_component,
+)
 from compress.export.gptq import GPTQ_SUFFIXES, read_gptq_config
 from compress.export.load import read_json, scheme_for, weight_files
 
@@ -39,7 +45,8 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
     if isinstance(quant, dict) and quant.get("quant_method") == "gptq":
         layers = _gptq_layers(meta, quant)
         _check_architecture(folder, meta, {layer["name"] for layer in layers}, GPTQ_SUFFIXES)
-        return _report(folder, config, str(quant.get("checkpoint_format", "gptq")), layers, meta)
+        return _report(folder, config, str(quant.get("checkpoint_format", "gptq")), layers, meta,
+                       by_component=_gptq_bytes_by_component(meta, {layer["name"] for layer in layers}))
     shapes = _shape_values(folder)
     layers = []
     for name in sorted(n[: -len(".weight_packed")] for n in meta if n.endswith(".weight_packed")):
@@ -71,8 +78,8 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
 
 
 def _report(folder: Path, config: dict, fmt: str, layers: list[dict[str, Any]],
-            meta: dict[str, tuple[str, list[int]]]) -> dict[str, Any]:
-    by_component = weights_bytes_by_component(meta)
+            meta: dict[str, tuple[str, list[int]]], by_component: dict[str, int] | None = None) -> dict[str, Any]:
+    by_component = by_component or weights_bytes_by_component(meta)
     quantized_prefixes = {layer["name"] for layer in layers}
     dense = sorted(n for n in meta if n.rsplit(".", 1)[0] not in quantized_prefixes)
     return {
@@ -84,6 +91,25 @@ def _report(folder: Path, config: dict, fmt: str, layers: list[dict[str, Any]],
         "bytes_by_component": by_component,
         "total_bytes": sum(by_component.values()),
     }
+
+
+def _gptq_bytes_by_component(meta: dict[str, tuple[str, list[int]]], layers: set[str]) -> dict[str, int]:
+    """Bytes by component for the GPTQ layout: a quantized layer's ``qweight`` holds its codes, its ``qzeros``,
+    ``scales`` and ``g_idx`` are its quantization parameters (the compressed-tensors names would count 0 here)."""
+    dense = {n: m for n, m in meta.items() if n.rpartition(".")[0] not in layers}
+    out = weights_bytes_by_component(dense)
+    for name, (dtype, shape) in meta.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix not in layers:
+            continue
+        size = math.ceil(math.prod(shape) * _bits(dtype) / 8)
+        if leaf == "qweight":
+            out[QUANTIZED] += size
+        elif leaf in ("qzeros", "scales", "g_idx"):
+            out[QPARAMS] += size
+        else:  # a bias rides along, dense
+            out[DENSE] += size
+    return out
 
 
 def _shape_values(folder: Path) -> dict[str, list[int]]:

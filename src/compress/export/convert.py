@@ -99,6 +99,7 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
         converted, schemes = from_gptq(tensors, quant, origin)
         has_g_idx = any(n.endswith(".weight_g_idx") for n in converted)
         new_quant = compressed_tensors_config(schemes, has_g_idx, ignore=all_linears)
+    changes = _changes(tensors, converted, schemes, to)
     write_weights(converted, out_dir, max_shard_bytes)
     config_data["quantization_config"] = new_quant
     (out_dir / "config.json").write_text(json.dumps(config_data, indent=2, sort_keys=True) + "\n")
@@ -111,7 +112,34 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
     write_manifest(out_dir, source_model=manifest.get("source_model") or str(source), recipe=recipe,
                    calibration=manifest.get("calibration"), evaluation=None)
     return {"source": str(source), "from": origin_format, "to": to, "layers": len(schemes),
-            "scheme": next(iter(schemes.values())).tag if schemes else None, "copied": copied}
+            "scheme": next(iter(schemes.values())).tag if schemes else None, "copied": copied, **changes}
+
+
+def _changes(source: dict[str, torch.Tensor], converted: dict[str, torch.Tensor], schemes: dict[str, Any],
+             to: str) -> dict[str, Any]:
+    """What the conversion kept and what it changed: ``unchanged`` (codes, zero points, group order) and
+    ``scales`` (dtype before → after, and the largest relative change of a scale, 0.0 when bit-exact)."""
+    names = sorted(schemes)
+    asym = any(not scheme.symmetric for scheme in schemes.values())
+    g_idx = any(f"{n}.g_idx" in source or f"{n}.weight_g_idx" in source for n in names)
+    unchanged = ["codes", *(["zero points"] if asym else []), *(["group order (g_idx)"] if g_idx else [])]
+    before_key, after_key = ("weight_scale", "scales") if to == "gptq" else ("scales", "weight_scale")
+    dtypes_before, dtypes_after, worst = set(), set(), 0.0
+    for name in names:
+        before, after = source[f"{name}.{before_key}"], converted[f"{name}.{after_key}"]
+        dtypes_before.add(str(before.dtype).removeprefix("torch."))
+        dtypes_after.add(str(after.dtype).removeprefix("torch."))
+        if to == "gptq":  # GPTQ stores scales [groups, out], compressed-tensors [out, groups]
+            after = after.t()
+        else:
+            before = before.t()
+        b, a = before.double(), after.double()
+        nonzero = b != 0
+        if bool(nonzero.any()):
+            worst = max(worst, float(((a - b).abs()[nonzero] / b.abs()[nonzero]).max()))
+    return {"unchanged": unchanged, "scales": {"from": "/".join(sorted(dtypes_before)) or None,
+                                              "to": "/".join(sorted(dtypes_after)) or None,
+                                              "max_relative_change": worst}}
 
 
 def _rewrite_card(source: Path, out_dir: Path, manifest: dict[str, Any], recipe: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from compress.pipeline.run import (
     build_passes,
     default_output,
     finish_artifact,
+    per_channel_fallback,
     refuse_compressed,
     resolve_device,
 )
@@ -62,17 +63,29 @@ def split_stages(recipe: Recipe) -> tuple[list[Any], list[Any]]:
 
 def check_structured(recipe: Recipe, source: str) -> tuple[list[Any], list[Any]]:
     """Every refusal that the config alone can decide, before any folder is created or weight read."""
+    whole, layerwise, _ = _check(recipe, source)
+    return whole, layerwise
+
+
+def plan_structured(recipe: Recipe, source: str) -> list[dict[str, Any]]:
+    """What each structured stage will remove, from the config alone (``--dry-run``), after the same checks
+    a run makes: ``{target, asked, removed, of, summary}`` per stage (``check_feasible``)."""
+    return _check(recipe, source)[2]
+
+
+def _check(recipe: Recipe, source: str) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
     whole, layerwise = split_stages(recipe)
     config = load_config(source, trust_remote_code=recipe.trust_remote_code)
     every = {name for name, _, _ in plan_layers(config, ignore=(), trust_remote_code=recipe.trust_remote_code)}
+    planned = []
     for layer_pass in whole:
-        check_feasible(config, layer_pass)
+        planned.append(check_feasible(config, layer_pass))
         kept = {name for name, _, _ in plan_layers(config, ignore=layer_pass.config.ignore,
                                                    trust_remote_code=recipe.trust_remote_code)}
         if kept != every:
             raise CompressError("structured pruning changes every block alike (the config stays uniform), "
                                 "so its ignore patterns cannot exempt layers inside the blocks")
-    return whole, layerwise
+    return whole, layerwise, planned
 
 
 def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = False,
@@ -89,10 +102,14 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
 
     with staging_dir(target, overwrite, source=source) as staging:
         tick = time.perf_counter()
+        if progress is not None:
+            progress("load model", 0, 1)
         loaded = load_model(source, dtype=recipe.dtype, device="cpu", trust_remote_code=recipe.trust_remote_code,
                             allow_pickle=recipe.allow_pickle)
         model = loaded.model
         timings["load_s"] = time.perf_counter() - tick
+        if progress is not None:
+            progress("load model", 1, 1)
         parameters = parameter_count(model)
 
         tick = time.perf_counter()
@@ -123,10 +140,13 @@ def run_structured(recipe: Recipe, out_dir: str | Path | None = None, *, overwri
             timings=timings, progress=progress, extra_metrics={"parameters_after": pruned_parameters},
             extra_report={"parameters_after": pruned_parameters, "structured": structure})
     timings["total_s"] = time.perf_counter() - start
+    fallback, why = per_channel_fallback(layer_plan, results) if layerwise else (0, None)
     result = RunResult(
         output=str(target), model=_display_source(source), parameters=parameters, size_before_bytes=size_before,
         size_after_bytes=size_after, compression_ratio=ratio, timings=timings, metrics=metrics,
         gates=[asdict(g) for g in gates], layers=len(results), calibration=calibration,
+        parameters_after=pruned_parameters, per_channel_fallback=fallback, notes=[why] if why else [],
+        structured=[{k: v for k, v in stage.items() if k not in ("blocks", "scores")} for stage in structure],
     )
     failed = [g.message for g in gates if not g.passed]
     if failed:

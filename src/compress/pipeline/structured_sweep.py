@@ -35,18 +35,29 @@ from compress.passes.prune.structured_math import BlockChange
 Progress = Callable[[str, int, int], None]
 
 
-def check_feasible(config, layer_pass: StructuredPrune) -> None:
-    """Raise the ``CompressError`` a stage would hit, from the config alone (before anything is loaded)."""
+def check_feasible(config, layer_pass: StructuredPrune) -> dict[str, Any]:
+    """Raise the ``CompressError`` a stage would hit, from the config alone (before anything is loaded);
+    otherwise say what the stage will remove: ``{target, asked, removed, of, summary}`` (per block for
+    channels and heads: ``removed`` of ``of`` channels / query heads; blocks: of the model's blocks)."""
     target = layer_pass.config.target
     layout = layout_of(config, target)
+    asked = layer_pass.config.num_blocks if layer_pass.config.num_blocks is not None else layer_pass.config.ratio
+    extra: dict[str, Any] = {}
     if target == "channels":
-        width = getattr(config, layout.intermediate_key, None) or 4 * int(config.hidden_size)
-        layer_pass.channels_removed(int(width))
+        total = int(getattr(config, layout.intermediate_key, None) or 4 * int(config.hidden_size))
+        removed = layer_pass.channels_removed(total)
+        summary = layer_pass.summary(total, removed)
     elif target == "heads":
-        heads, kv, _ = head_counts(config)
-        layer_pass.head_cut(heads, kv, head_refusal(config))
+        total, kv, _ = head_counts(config)
+        cut = layer_pass.head_cut(total, kv, head_refusal(config))
+        removed = cut.removed_heads(total, kv)
+        summary = layer_pass.summary(total, removed, num_kv=kv, cut=cut)
+        extra = {"kv_heads": kv, "kv_heads_removed": cut.groups}
     else:
-        layer_pass.blocks_removed(int(getattr(config, layout.layers_key)))
+        total = int(getattr(config, layout.layers_key))
+        removed = layer_pass.blocks_removed(total)
+        summary = layer_pass.summary(total, removed)
+    return {"target": target, "asked": asked, "removed": removed, "of": total, **extra, "summary": summary}
 
 
 def prune_structured(model: nn.Module, passes: list[StructuredPrune], input_ids: torch.Tensor, *,
@@ -56,10 +67,14 @@ def prune_structured(model: nn.Module, passes: list[StructuredPrune], input_ids:
     with torch.inference_mode():
         for layer_pass in passes:
             layout = layout_of(model.config, layer_pass.config.target)
+            planned = check_feasible(model.config, layer_pass)  # on the config as the stages before left it
             if layer_pass.config.target == "blocks":
-                reports.append(_drop(model, layer_pass, layout, input_ids, device, progress))
+                done = _drop(model, layer_pass, layout, input_ids, device, progress)
+                dropped = done["dropped"]
+                planned["summary"] += f": block{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}"
             else:
-                reports.append(_shrink(model, layer_pass, layout, input_ids, device, progress))
+                done = _shrink(model, layer_pass, layout, input_ids, device, progress)
+            reports.append({**done, "asked": planned["asked"], "summary": planned["summary"]})
     return reports
 
 

@@ -124,6 +124,28 @@ class StructuredPrune(ModelPass):
                                 f"gives a config the model's family accepts ({reasons[cuts[0]]})")
         return min(accepted, key=lambda c: (abs(c.removed_heads(num_heads, num_kv) - wanted), c.groups))
 
+    # -- what was asked and what is done (the CLI says both: a head cut can differ from the ratio) -----------
+
+    def summary(self, total: int, removed: int, *, num_kv: int = 0, cut: HeadCut | None = None) -> str:
+        """One sentence: asked vs done, e.g. "heads: 25% asked, 2 of 4 query heads per block removed (50%,
+        the nearest cut the config accepts; 1 of 2 from each of the 2 KV groups)"."""
+        asked = (f"{self.config.num_blocks} asked" if self.config.num_blocks is not None
+                 else f"{_percent(self.config.ratio or 0)} asked")
+        share = _percent(removed / total) if total else "0%"
+        target = self.config.target
+        if target == "channels":
+            return f"channels: {asked}, {removed} of {total} MLP channels per block removed ({share})"
+        if target == "blocks":
+            return f"blocks: {asked}, {removed} of {total} blocks dropped ({share})"
+        wanted = max(1, round((self.config.ratio or 0) * total))
+        near = "" if removed == wanted else ", the nearest cut the config accepts"
+        group = total // num_kv if num_kv else total
+        if cut is not None and cut.groups:
+            how = f"{cut.groups} of {num_kv} KV groups, each with its {group} query heads"
+        else:
+            how = f"{cut.per_group if cut else 0} of {group} from each of the {num_kv} KV groups"
+        return f"heads: {asked}, {removed} of {total} query heads per block removed ({share}{near}; {how})"
+
     def blocks_removed(self, num_layers: int) -> int:
         removed = self.config.num_blocks or max(1, round((self.config.ratio or 0) * num_layers))
         if removed >= num_layers:
@@ -170,3 +192,7 @@ class StructuredPrune(ModelPass):
         """The ``removed`` blocks that change their input least (ties: the later block goes)."""
         order = sorted(range(len(scores)), key=lambda i: (scores[i], -i))
         return sorted(order[:removed])
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
