@@ -180,7 +180,10 @@ def test_quantize_format_gptq_then_convert_both_ways(tiny, tmp_path, extra):
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quant == json.loads((out / "quantize_config.json").read_text())
     assert quant["checkpoint_format"] == ("gptq" if extra[0] == "--sym" else "gptq_v2")
-    assert quant["desc_act"] is ("--act-order" in extra) and quant["lm_head"] is False
+    # act-order keeps groups contiguous (readers refuse desc_act: true): g_idx is the trivial i // group
+    assert quant["desc_act"] is False and quant["lm_head"] is False
+    g_idx = load_file(out / "model.safetensors")["model.layers.0.mlp.down_proj.g_idx"]
+    assert torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // quant["group_size"])
     tensors = load_file(out / "model.safetensors")
     assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (128 * 4 // 32, 64)
     assert not any(k.endswith("weight_packed") for k in tensors)
@@ -217,7 +220,9 @@ def test_compressed_tensors_to_gptq_and_back_keeps_codes(tiny, tmp_path):
     recipe = (folders[1] / "recipe.yaml").read_text()
     assert "format: gptq" in recipe
     config = json.loads((folders[2] / "config.json").read_text())["quantization_config"]
-    assert config["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    # act-order exports contiguous groups: the trivial g_idx of the GPTQ layout is dropped on the way back
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] != "group"
+    assert not any(k.endswith("g_idx") for k in once)
     assert config["ignore"] == ["lm_head"]
 
 

@@ -102,7 +102,7 @@ def test_card_says_what_was_done_and_is_hashed(release):
 
 @pytest.mark.parametrize(("layout", "says"), [
     ("pack-quantized", "compressed-tensors `pack-quantized` layout"),
-    ("sparse-bitmask", "compressed-tensors `sparse-bitmask` layout"),
+    ("sparse-bitmask", "Only `compress.load` decodes it"),
     ("gptq", "GPTQ layout"),
     ("dense", "plain transformers checkpoint"),
 ])
@@ -113,6 +113,21 @@ def test_card_describes_the_layout_it_was_written_in(layout, says):
     card = render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, layers=[],
                        tool_version="0", layout=layout)
     assert says in card and "# m, compressed (structured)" in card
+    assert "vllm serve" not in card  # no quantized 4/8-bit weights: no claim that vLLM serves it
     assert "not evaluated" in card
     assert card == render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, layers=[],
                                tool_version="0", layout=layout)
+
+
+@pytest.mark.parametrize(("stage", "claims_vllm"), [
+    ({"method": "gptq", "bits": 4, "group_size": 128, "symmetric": True}, True),
+    ({"method": "gptq", "bits": 3, "group_size": 128, "symmetric": True}, False),
+    ({"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False}, False),
+])
+def test_card_claims_vllm_only_for_what_it_serves(stage, claims_vllm):
+    from compress.export.card import render_card
+
+    card = render_card(source_model="m", recipe={"stages": [stage]}, calibration=None, evaluation=None,
+                       layers=[], tool_version="0", layout="pack-quantized")
+    assert ("vllm serve" in card) is claims_vllm
+    assert ("CompressedTensorsConfig(dequantize=True)" in card) is (stage["symmetric"] is False)

@@ -65,8 +65,8 @@ def test_family_round_trip(family, symmetric, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gptq_act_order_round_trip(family, tmp_path):
-    """GPTQ with act-order and asymmetric groups: the export (g_idx, packed zero points) loads back to
-    exactly the weights it computed, on every family."""
+    """GPTQ with act-order and asymmetric groups: the export (contiguous groups, no g_idx, packed zero
+    points) loads back to exactly the weights it computed, on every family."""
     model_dir = save_tiny(family, tmp_path / family)
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(80)))
@@ -80,7 +80,9 @@ def test_gptq_act_order_round_trip(family, tmp_path):
     compress.run(recipe, out)
     loaded = compress.load(out, kernel="reference")  # exact weights; fast paths are tested on their own
     quantized = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
-    assert quantized and all(m.weight_g_idx is not None for m in quantized.values())
+    assert quantized and all(m.weight_g_idx is None for m in quantized.values())
+    (group,) = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert group["weights"]["actorder"] == "weight"
 
     reference = load_model(str(model_dir)).model
     for name, module in quantized.items():

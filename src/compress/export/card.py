@@ -51,7 +51,10 @@ def _stage_rows(recipe: dict[str, Any], layers: list[dict[str, Any]]) -> list[st
 
 
 def layout_of(folder: Path) -> str:
-    """The layout the written ``config.json`` declares: ``gptq``, a compressed-tensors format, or ``dense``."""
+    """The layout of a written folder: ``sparse-bitmask`` (the opt-in compact sparse files), ``gptq``, a
+    compressed-tensors format, or ``dense`` (a plain checkpoint)."""
+    if any(Path(folder).glob("sparse-bitmask*.safetensors")):
+        return "sparse-bitmask"
     try:
         quant = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
     except (OSError, ValueError, AttributeError):
@@ -63,7 +66,23 @@ def layout_of(folder: Path) -> str:
     return str(quant.get("format") or "compressed-tensors")
 
 
-def _load_section(fmt: str) -> list[str]:
+def _asymmetric(recipe: dict[str, Any]) -> bool:
+    return any(stage.get("symmetric") is False for stage in recipe.get("stages") or [])
+
+
+def _vllm_serves(recipe: dict[str, Any] | None) -> bool:
+    """vLLM's weight-only paths (Marlin / GPTQ-Marlin) serve symmetric 4- and 8-bit weights; other widths
+    and zero points are not claimed."""
+    stages = [s for s in (recipe or {}).get("stages") or [] if s.get("bits") is not None]
+    return bool(stages) and all(s.get("bits") in (4, 8) and s.get("symmetric", True) for s in stages)
+
+
+_VLLM = ["", "vLLM serves symmetric 4- and 8-bit weights like these:", "", "```", "vllm serve path/to/this/folder",
+         "```"]
+
+
+def _load_section(fmt: str, recipe: dict[str, Any] | None = None) -> list[str]:
+    """How to load the folder, naming only the readers it was checked against (README: interop tests)."""
     lines = [
         "## How to load it",
         "",
@@ -75,31 +94,44 @@ def _load_section(fmt: str) -> list[str]:
         "```",
         "",
     ]
+    if fmt == "sparse-bitmask":
+        return lines + [
+            "The pruned layers are stored in compressed-tensors' `sparse-bitmask` layout (kept values plus one",
+            "bit per weight, asked for with `export.sparse_format: bitmask`). Only `compress.load` decodes it",
+            "today: current transformers + compressed-tensors and vLLM cannot, so the weights are deliberately",
+            "not named `model.safetensors` and those readers refuse the folder instead of loading random",
+            "weights. Re-export with the default `sparse_format: dense` for a checkpoint every reader loads.",
+        ]
     if fmt == "dense":
-        lines += [
-            "This folder is a plain transformers checkpoint (no `quantization_config`): any reader of the",
-            "architecture loads it, e.g. `AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")`, and",
-            "vLLM serves it with `vllm serve path/to/this/folder`.",
+        return lines + [
+            "This folder is a plain transformers checkpoint (no `quantization_config`; pruned weights are",
+            "stored densely with their zeros): any reader of the architecture loads it, e.g.",
+            "`AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")`. Zeros are computed densely,",
+            "so pruning shrinks nothing at run time without a sparse kernel.",
         ]
-    elif fmt == "gptq":
+    if fmt == "gptq":
+        return lines + [
+            "This folder uses the GPTQ layout (`quant_method: gptq`, see `quantize_config.json`), with",
+            "contiguous groups (`desc_act: false`): GPTQModel reads it, and transformers reads it through its",
+            "GPTQ integration with `gptqmodel` installed.",
+        ] + (_VLLM if _vllm_serves(recipe) else [])
+    lines += [
+        f"This folder uses the compressed-tensors `{fmt}` layout: transformers reads it with the",
+        "`compressed-tensors` package installed (checked against transformers 5.24 + compressed-tensors 0.20):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
+        "```",
+    ]
+    if fmt == "pack-quantized" and _vllm_serves(recipe):
+        lines += _VLLM
+    if recipe is not None and _asymmetric(recipe):
         lines += [
-            "This folder uses the GPTQ layout (`quant_method: gptq`, see `quantize_config.json`): transformers",
-            "reads it through its GPTQ integration (with `optimum` and `gptqmodel` installed), and vLLM serves",
-            "it with `vllm serve path/to/this/folder`.",
-        ]
-    else:
-        lines += [
-            f"This folder uses the compressed-tensors `{fmt}` layout: transformers reads it with the",
-            "`compressed-tensors` package installed, and vLLM serves it directly:",
             "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
-            "```",
-            "",
-            "```",
-            "vllm serve path/to/this/folder",
-            "```",
+            "Asymmetric weights (with zero points): transformers 5.23 and 5.24 fail to load any asymmetric",
+            "`pack-quantized` checkpoint (a zero-point shape check on their side; 5.22 loads it). Work around",
+            "it with `quantization_config=CompressedTensorsConfig(dequantize=True)` or use `compress.load`.",
         ]
     return lines
 
@@ -133,7 +165,7 @@ def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[
         "library_name: transformers",
         "tags:",
         "- compress-toolkit",
-        *([] if fmt == "dense" else ["- compressed-tensors"] if fmt != "gptq" else ["- gptq"]),
+        *([] if fmt in ("dense", "sparse-bitmask") else ["- compressed-tensors"] if fmt != "gptq" else ["- gptq"]),
         *([f"- {fmt}"] if fmt not in ("dense", "gptq") else []),
         *[f"- {s}" for s in schemes],
         "---",
@@ -161,7 +193,7 @@ def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[
             f"`{calibration.get('fingerprint')}`).",
             "",
         ]
-    lines += [*_load_section(fmt), "", *_eval_section(evaluation)]
+    lines += [*_load_section(fmt, recipe), "", *_eval_section(evaluation)]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -16,13 +16,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.core.observers import OBSERVER_ATTR
+from compress.core.observers import ACTORDER_ATTR, OBSERVER_ATTR
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import SPARSITY_ATTR, to_bitmask
 from compress.kernels.quant_linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+BITMASK_PREFIX = "sparse-bitmask"
+"""File-name stem of the opt-in compact sparse layout (``export.sparse_format: bitmask``). Its weights are
+deliberately not named ``model*.safetensors``: current readers (transformers + compressed-tensors >= 0.15,
+vLLM) cannot decode bitmasks and would build the model with the pruned layers randomly initialised; with
+no ``model.safetensors`` to find they refuse the folder instead. ``compress.load`` reads it."""
+SPARSE_FORMATS = ("dense", "bitmask")
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -35,17 +41,23 @@ def sparse_modules(model: nn.Module) -> dict[str, str]:
             if getattr(module, SPARSITY_ATTR, None) is not None}
 
 
-def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every persistent tensor once: tied parameters keep their first name, Conv1D-born dense layers go back
-    to the Conv1D layout the architecture's own loader expects, and pruned dense layers are stored in the
-    ``sparse-bitmask`` layout (kept values + a bit per weight) so the checkpoint really shrinks. Pruned
+def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense") -> dict[str, torch.Tensor]:
+    """Every persistent tensor once: tied parameters keep their first name, and Conv1D-born dense layers go
+    back to the Conv1D layout the architecture's own loader expects.
+
+    Pruned dense layers are written as ordinary dense weights (their zeros included), which every reader
+    loads; ``sparse_format="bitmask"`` stores them in compressed-tensors' ``sparse-bitmask`` layout instead
+    (kept values + a bit per weight), smaller on disk but readable only by ``compress.load`` today. Pruned
     layers that were also quantized keep their packed codes (zeros are codes like any other)."""
+    if sparse_format not in SPARSE_FORMATS:
+        raise ValueError(f"unknown sparse format {sparse_format!r}")
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     from_conv1d = {
         name for name, module in model.named_modules() if getattr(module, "_compress_from_conv1d", False)
     }
-    sparse_dense = {name for name in sparse_modules(model) if not isinstance(model.get_submodule(name), QuantLinear)}
+    sparse_dense = set() if sparse_format == "dense" else {
+        name for name in sparse_modules(model) if not isinstance(model.get_submodule(name), QuantLinear)}
     for name, tensor in model.state_dict(keep_vars=False).items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
         if key is not None and key in seen:
@@ -96,38 +108,48 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
     os.chmod(path, 0o666 & ~_umask())
 
 
-def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[Path]:
-    """Safetensors shards plus an index when there is more than one, as transformers writes them."""
+def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int,
+                  stem: str = "model") -> list[Path]:
+    """Safetensors shards plus an index when there is more than one, as transformers writes them
+    (``stem`` other than ``model`` names the files so that readers looking for ``model*.safetensors``
+    find none: see ``BITMASK_PREFIX``)."""
     shards = _shards(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        path = out_dir / WEIGHTS_NAME
+        path = out_dir / f"{stem}.safetensors"
         _save({n: tensors[n] for n in shards[0]}, path, metadata)
         return [path]
     paths: list[Path] = []
     weight_map: dict[str, str] = {}
     total = 0
     for index, names in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        file_name = f"{stem}-{index:05d}-of-{len(shards):05d}.safetensors"
         _save({n: tensors[n] for n in names}, out_dir / file_name, metadata)
         paths.append(out_dir / file_name)
         for n in names:
             weight_map[n] = file_name
             total += tensors[n].numel() * tensors[n].element_size()
     index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / INDEX_NAME).write_text(json.dumps(index_doc, indent=2) + "\n")
-    paths.append(out_dir / INDEX_NAME)
+    (out_dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
+    paths.append(out_dir / f"{stem}.safetensors.index.json")
     return paths
 
 
-def quantization_config(model: nn.Module, all_linear_names: Iterable[str]) -> dict | None:
+def quantization_config(model: nn.Module, all_linear_names: Iterable[str],
+                        sparse_format: str = "dense") -> dict | None:
     """The ``quantization_config`` block of FORMATS.md: one config group per distinct scheme.
 
     A single scheme targets ``Linear`` and lists every other linear layer under ``ignore`` (what
     llm-compressor writes); several schemes target their layers by exact ``re:`` names.
+
+    Pruning leaves no trace here unless the compact bitmask layout was asked for: vLLM refuses any
+    model whose ``sparsity_config`` has targets ("sparsity support has been removed"), and a pruned
+    model written densely needs none, so a pruned-only export is a plain dense checkpoint (``None``)
+    and a pruned + quantized one an ordinary ``pack-quantized`` one. The pattern is in the report and
+    the model card.
     """
     quantized = quantized_modules(model)
-    sparsity = sparsity_config(model)
+    sparsity = sparsity_config(model) if sparse_format == "bitmask" else {}
     if not quantized:
         if not sparsity:
             return None
@@ -142,9 +164,10 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str]) -> di
     for index, (scheme, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0])):
         has_g_idx = any(quantized[n].weight_g_idx is not None for n in names)
         targets = ["Linear"] if len(by_scheme) == 1 else [f"re:^{_escape(n)}$" for n in names]
+        actorder = "group" if has_g_idx else getattr(quantized[names[0]], ACTORDER_ATTR, None)
         groups[f"group_{index}"] = {
             "targets": targets,
-            "weights": scheme.to_compressed_tensors(actorder="group" if has_g_idx else None,
+            "weights": scheme.to_compressed_tensors(actorder=actorder,
                                                     observer=getattr(quantized[names[0]], OBSERVER_ATTR, "minmax")),
             "input_activations": None,
             "output_activations": None,

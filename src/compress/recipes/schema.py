@@ -56,6 +56,11 @@ class ExportConfig(_Strict):
     format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
     """compressed-tensors ``pack-quantized`` (native), or the GPTQ layout (one scheme per model; FORMATS.md)."""
     max_shard_size: str = "5GB"
+    sparse_format: Literal["dense", "bitmask"] = "dense"
+    """How pruned layers that stay dense are stored. ``dense`` (default): ordinary weights with their zeros,
+    which transformers, vLLM and every other reader load. ``bitmask``: compressed-tensors' ``sparse-bitmask``
+    (kept values + one bit per weight, smaller on disk), which only ``compress.load`` decodes today; its
+    files are named so that other readers refuse the folder rather than load random weights."""
 
     @field_validator("max_shard_size")
     @classmethod

@@ -11,12 +11,12 @@ import logging
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
-from compress.core.observers import OBSERVER_ATTR
+from compress.core.observers import ACTORDER_ATTR, OBSERVER_ATTR
 from compress.core.packing import PackedWeight, pack_codes, pack_zero_point, scale_dtype_for
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import SPARSITY_ATTR
@@ -45,10 +45,25 @@ class GPTQConfig(WeightQuantConfig):
     block_size: int = Field(128, gt=0)
     """Columns updated eagerly together; the rest of the matrix is updated once per block."""
     act_order: bool = False
-    """Process columns by descending Hessian diagonal (groups follow that order unless static_groups)."""
+    """Process columns by descending Hessian diagonal. Groups stay the original contiguous ones (scales
+    computed up front, compressed-tensors ``actorder: weight``, no ``g_idx``), the only activation
+    ordering today's readers load: compressed-tensors >= 0.19, vLLM and GPTQModel refuse the dynamic
+    form (``actorder: group`` / ``desc_act``), so it is not offered."""
     static_groups: bool = False
     """Compute every group's scale before the sweep, in original contiguous groups (no ``g_idx`` needed).
-    Per-channel scales (``group_size: -1``) are always computed up front, so the flag changes nothing there."""
+    Always on with ``act_order``. Per-channel scales (``group_size: -1``) are always computed up front,
+    so the flag changes nothing there."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _act_order_keeps_groups_contiguous(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("act_order"):
+            return data
+        if data.get("static_groups") is False:
+            raise ValueError("act_order with dynamic groups (static_groups: false, written as actorder: group / "
+                             "desc_act) is refused by compressed-tensors >= 0.19, vLLM and GPTQModel; "
+                             "leave static_groups unset or true")
+        return {**data, "static_groups": True}
 
 
 def pack_result(result: GPTQResult, config: GPTQConfig, dtype: torch.dtype,
@@ -123,6 +138,8 @@ class GPTQPass(LayerPass):
         bias = None if linear.bias is None else linear.bias.detach()
         quantized = QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
         setattr(quantized, OBSERVER_ATTR, cfg.observer)
+        if result.actorder == "weight":
+            setattr(quantized, ACTORDER_ATTR, "weight")
         if sparsity is not None:
             setattr(quantized, SPARSITY_ATTR, sparsity)
         return quantized
