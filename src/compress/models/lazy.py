@@ -120,7 +120,12 @@ def build_lazy(model_class, config, folder: Path, dtype: torch.dtype, *,
         return None
     kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     with no_init_weights(), _default_dtype(dtype):
-        model = model_class.from_config(config, **kwargs)
+        # from_config follows config.dtype over the default dtype, so the asked-for dtype is passed too
+        # (and enforced below): without it --dtype bfloat16 streamed an fp32 model and wrote fp32 bytes
+        model = model_class.from_config(config, dtype=dtype, **kwargs)
+    for param in model.parameters():  # buffers (rotary inv_freq) keep the dtype transformers gives them
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
     if any(isinstance(m, Conv1D) for m in model.modules()):
         return None
     mapping = _key_map(model, set(files))
