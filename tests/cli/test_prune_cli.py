@@ -41,9 +41,24 @@ def test_prune_json_reports_sparse_export(llama_dir, corpus, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["output"] == str(out) and payload["layers"] == 14
-    assert payload["metrics"]["kl"] >= 0 and payload["size_after_bytes"] < payload["size_before_bytes"]
+    assert payload["metrics"]["kl"] >= 0
+    # the default export is a plain dense checkpoint (zeros stored): as large as the source, readable anywhere
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors").is_file()
+
+
+def test_prune_sparse_format_bitmask_shrinks_the_checkpoint(llama_dir, corpus, tmp_path) -> None:
+    out = tmp_path / "wanda-bitmask"
+    result = runner.invoke(app, prune_args(llama_dir, corpus, out, "--method", "wanda", "--sparse-format", "bitmask",
+                                           "--json"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["size_after_bytes"] < payload["size_before_bytes"]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["sparsity_config"]["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert not (out / "model.safetensors").exists() and (out / "sparse-bitmask.safetensors").is_file()
+    bad = runner.invoke(app, prune_args(llama_dir, corpus, tmp_path / "x", "--sparse-format", "csr"))
+    assert bad.exit_code == 2 and "--sparse-format" in bad.output
 
 
 def test_dry_run_lists_layers_without_weights(llama_dir, corpus, tmp_path) -> None:

@@ -75,6 +75,9 @@ def prune(
                                                        "diagonal.", "0.01")),
     ignore: list[str] | None = typer.Option(None, help=shown("Layer name pattern to leave dense (repeatable).",
                                                              "lm_head")),
+    sparse_format: str | None = typer.Option(None, help=shown(
+        "How pruned dense layers are stored: dense (every reader loads it) or bitmask (compressed-tensors "
+        "sparse-bitmask, smaller on disk, read only by compress.load; other readers refuse it).", "dense")),
     recipe: str | None = typer.Option(None, "--recipe", help=shown("Base recipe (file or built-in name); options "
                                                                    "given override it.", "sparse50-sparsegpt")),
     dataset: str | None = DATASET, num_samples: int | None = NUM_SAMPLES, seq_len: int | None = SEQ_LEN,
@@ -86,7 +89,8 @@ def prune(
     trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE, dry_run: bool = DRY_RUN,
     as_json: bool = AS_JSON,
 ) -> None:
-    """Prune MODEL's linear layers (sparse-bitmask checkpoint) or remove whole units (a smaller plain model)."""
+    """Prune MODEL's linear layers (zeros in a plain checkpoint, or --sparse-format bitmask) or remove whole
+    units (a smaller plain model)."""
     if structured is not None and (method is not None or pattern is not None or sparsity is not None or bits is not None):
         raise CompressError("--structured removes whole units; it does not combine with --method, --sparsity, "
                             "--pattern or --bits")
@@ -99,7 +103,7 @@ def prune(
         "stages.*.sparsity": sparsity, "stages.*.pattern": pattern, "stages.*.per_layer": _per_layer(per_layer_sparsity),
         "stages.*.target": structured, "stages.*.ratio": ratio, "stages.*.bits": bits,
         "stages.*.group_size": group_size, "stages.*.symmetric": sym, "stages.*.damp": damp,
-        "stages.*.ignore": ignore or None,
+        "stages.*.ignore": ignore or None, "export.sparse_format": sparse_format,
         **job_flags(
             model=model, dataset=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, output=output,
             device=device, dtype=dtype, eval_dataset=eval_dataset, eval_windows=eval_windows, do_eval=do_eval,

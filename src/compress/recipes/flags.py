@@ -52,6 +52,8 @@ FLAG_FIELDS: dict[str, str] = {
     "stages.*.per_layer": "--per-layer-sparsity",
     "stages.*.target": "--structured",
     "stages.*.ratio": "--ratio",
+    "export.format": "--format",
+    "export.sparse_format": "--sparse-format",
 }
 
 
