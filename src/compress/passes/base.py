@@ -68,6 +68,15 @@ class LayerPass(ABC):
         """A short tag for output names and summaries, e.g. ``w4g128``."""
         return self.config.method
 
+    # Capabilities, read by the stage-order check (``compress.pipeline.stage_order``) before anything loads.
+    needs_dense_weights: ClassVar[bool] = True
+    """The pass reads and rewrites an ``nn.Linear``'s float weight, so it cannot follow a stage that left
+    the layer quantized (packed codes have no ``weight`` to rewrite)."""
+
+    def quantizes(self) -> bool:
+        """Whether the layers this stage touches come out quantized (packed) rather than dense."""
+        return False
+
 
 class ModelPass(ABC):
     """A method that changes the model's shape (structured pruning): it edits whole blocks and the config, so

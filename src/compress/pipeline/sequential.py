@@ -52,7 +52,10 @@ def _relative_error(original: torch.Tensor, module: nn.Module) -> float | None:
 
 
 def check_layers(model: nn.Module, plan: Sequence[tuple[LayerPass, list[str]]]) -> None:
-    """Every targeted layer accepts its pass; fails before any work is done."""
+    """Every targeted layer accepts its pass, in an order that can work; fails before any work is done."""
+    from compress.pipeline.stage_order import check_stage_order
+
+    check_stage_order(plan)
     for layer_pass, names in plan:
         if not names:
             raise CompressError(f"method {layer_pass.config.method} matched no linear layer (check --ignore)")

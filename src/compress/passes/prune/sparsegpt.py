@@ -87,6 +87,9 @@ class SparseGPTPass(LayerPass):
         setattr(quantized, SPARSITY_ATTR, structure)
         return quantized
 
+    def quantizes(self) -> bool:
+        return self.config.bits is not None
+
     def describe(self) -> str:
         tag = f"sparsegpt-{self.config.tag()}"
         scheme = self.config.scheme

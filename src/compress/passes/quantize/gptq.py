@@ -144,5 +144,8 @@ class GPTQPass(LayerPass):
             setattr(quantized, SPARSITY_ATTR, sparsity)
         return quantized
 
+    def quantizes(self) -> bool:
+        return True
+
     def describe(self) -> str:
         return self.config.scheme.tag

@@ -44,5 +44,8 @@ class RTNPass(LayerPass):
             setattr(quantized, SPARSITY_ATTR, sparsity)
         return quantized
 
+    def quantizes(self) -> bool:
+        return True
+
     def describe(self) -> str:
         return self.config.scheme.tag
