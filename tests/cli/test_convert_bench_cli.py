@@ -74,8 +74,9 @@ def test_convert_refuses_dense_model_and_same_folder(folders, tmp_path):
 
 
 def test_bench_side_by_side_json(folders):
+    # the reference path keeps only the packed codes (auto may hold dense copies where packed kernels lose)
     result = runner.invoke(app, ["bench", str(folders["w4"]), "--baseline", str(folders["model"]), "--prompt-len",
-                                 "16", "--new-tokens", "4", "--repeats", "1", "--json"])
+                                 "16", "--new-tokens", "4", "--repeats", "1", "--kernel", "reference", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     for side in ("model", "baseline"):

@@ -45,13 +45,44 @@ def test_cpu_registered_for_auto() -> None:
     assert "cpu" in AUTO_ORDER
 
 
-def test_auto_picks_cpu_where_exact_and_reference_elsewhere() -> None:
+@pytest.mark.parametrize("packed_pays", [True, False])
+def test_auto_never_slower_than_dense(packed_pays, monkeypatch) -> None:
+    """auto keeps the cpu path where it is exact and (measured) at least as fast as a dense matmul; every
+    other layer, including those only the reference path could serve, runs dense: never slower than the
+    dense original. The timing itself is replaced here so the choice is deterministic."""
+    import compress.kernels.paths as paths
+
+    monkeypatch.setattr(paths, "_time_against_dense", lambda path, layer: packed_pays)
     model = _model()
     counts = apply_kernel(model, "auto")
     chosen = {name: layer.kernel.name for name, layer in model.items()}
-    assert chosen == {"sym": "cpu", "asym": "cpu", "w3": "reference", "gptq": "cpu", "scattered": "reference",
-                      "w8": "cpu", "w8g": "reference"}
-    assert counts == {"cpu": 4, "reference": 3}
+    fast = "cpu" if packed_pays else "dense"
+    assert chosen == {"sym": fast, "asym": fast, "w3": "dense", "gptq": fast, "scattered": "dense",
+                      "w8": fast, "w8g": "dense"}
+    assert counts == ({"cpu": 4, "dense": 3} if packed_pays else {"dense": 7})
+
+
+def test_dense_path_is_the_reference_exactly_and_timing_leaves_no_buffers() -> None:
+    from compress.kernels.paths import _time_against_dense
+
+    model = _model()
+    x = torch.randn(3, 256)
+    reference = {name: layer(x) for name, layer in model.items()}
+    layer = model["sym"]
+    before = set(layer._buffers)
+    if not _time_against_dense(KERNELS_CPU(), layer):  # a losing packed path leaves nothing behind
+        assert set(layer._buffers) == before
+    assert layer.kernel is None
+    apply_kernel(model, "dense")
+    for name, layer in model.items():
+        assert torch.equal(layer(x), reference[name]), name
+        assert "_dense_weight" not in layer.state_dict()
+
+
+def KERNELS_CPU():  # noqa: N802
+    from compress.kernels.paths import KERNELS
+
+    return KERNELS.get("cpu")
 
 
 def test_forced_cpu_on_unsupported_layer_names_it() -> None:

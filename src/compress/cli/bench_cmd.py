@@ -18,7 +18,7 @@ def bench(
     prompt_len: int = typer.Option(128, help="Prompt tokens per sequence (prefill)."),
     new_tokens: int = typer.Option(64, help="Greedy tokens generated with the KV cache (decode)."),
     batch: int = typer.Option(1, help="Sequences per batch."),
-    kernel: str = typer.Option("auto", help="Forward path of quantized layers: auto, reference, cpu or triton."),
+    kernel: str = typer.Option("auto", help="Forward path of quantized layers: auto (never slower than dense), reference, dense, cpu or triton."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     repeats: int = typer.Option(3, help="Timed prefill runs after a warm-up (the median is reported)."),
     as_json: bool = flag("--json", "Print one JSON object on stdout."),
@@ -66,3 +66,7 @@ def _print_table(payload: dict[str, Any]) -> None:
     info(f"peak memory: {model['memory_kind']}")
     if model["kernels"]:
         info("kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(model["kernels"].items())))
+        if model["kernels"].get("dense"):
+            info(f"{model['kernels']['dense']} layers run dense: a packed kernel was slower than a dense matmul on "
+                 "them (or none serves their scheme), so kernel=auto dequantized their weights once at load; "
+                 "they take dense memory")

@@ -5,14 +5,20 @@ buffers once at load (e.g. repack int4 codes into the layout of an aten kernel, 
 buffers so ``state_dict()`` stays the checkpoint), then ``forward`` uses them. The reference path
 (dequantize, then matmul; ``compress::dequant_matmul``) serves every layer and is the oracle in tests.
 
-Selection: ``kernel="auto"`` (or ``COMPRESS_KERNEL=auto``) picks, per layer, the first path in
-``AUTO_ORDER`` that supports the layer on its device; an explicit name forces that path and fails with
-one sentence if a layer cannot use it (no silent wrong results, no silent slow fallback).
+Selection: ``kernel="auto"`` (or ``COMPRESS_KERNEL=auto``) never makes a layer slower than its dense
+original. Per layer it takes the first path in ``AUTO_ORDER`` that supports the layer on its device and
+times it against a plain matmul on the dequantized weight, for one decode row and one prefill block; the
+packed path is kept only where it is at least as fast on both, otherwise (and for layers only the
+reference path serves, which dequantizes on every call) the layer gets the ``dense`` path: its weight
+dequantized once at load, exact like the reference, at the memory cost of a dense layer. Timings are
+cached per (path, shape, dtype, device) within one load. An explicit name forces that path and fails
+with one sentence if a layer cannot use it (no silent wrong results, no silent slow fallback).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -77,6 +83,31 @@ REFERENCE = ReferencePath()
 KERNELS.register("reference")(REFERENCE)
 
 
+class DensePath(KernelPath):
+    """The weight dequantized once at load (a non-persistent buffer), then a plain matmul: the speed of the
+    dense original and the reference path's exact numbers, without the memory saving."""
+
+    name = "dense"
+
+    def unsupported(self, layer: QuantLinear) -> str | None:
+        return None
+
+    def prepare(self, layer: QuantLinear) -> None:
+        from compress.kernels.reference import compute_dtype
+
+        probe = torch.empty(0, dtype=layer.weight_scale.dtype, device=device_of(layer))
+        layer.register_buffer("_dense_weight", layer.dequantized_weight(compute_dtype(probe)), persistent=False)
+
+    def forward(self, layer: QuantLinear, x: Tensor) -> Tensor:
+        weight = layer._dense_weight
+        bias = None if layer.bias is None else layer.bias.to(weight.dtype)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+DENSE = DensePath()
+KERNELS.register("dense")(DENSE)
+
+
 def requested_kernel(kernel: str = "auto") -> str:
     """The explicit argument wins over ``COMPRESS_KERNEL``; both default to auto."""
     choice = kernel if kernel != "auto" else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -103,17 +134,18 @@ def apply_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, int]:
 
     choice = requested_kernel(kernel)
     counts: dict[str, int] = {}
+    verdicts: dict[tuple, bool] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantLinear):
             continue
-        path = _pick(layer, choice, name)
+        path = _pick(layer, choice, name, verdicts)
         path.prepare(layer)
         layer.kernel = path
         counts[path.name] = counts.get(path.name, 0) + 1
     return counts
 
 
-def _pick(layer: QuantLinear, choice: str, name: str) -> KernelPath:
+def _pick(layer: QuantLinear, choice: str, name: str, verdicts: dict[tuple, bool] | None = None) -> KernelPath:
     if choice != "auto":
         path = KERNELS.get(choice)
         reason = path.unsupported(layer)
@@ -123,8 +155,63 @@ def _pick(layer: QuantLinear, choice: str, name: str) -> KernelPath:
     for candidate in AUTO_ORDER:
         path = KERNELS.get(candidate)
         if path.unsupported(layer) is None:
-            return path
-    return REFERENCE
+            return path if pays_off(path, layer, {} if verdicts is None else verdicts) else DENSE
+    return DENSE
+
+
+PREFILL_ROWS = 64
+"""Rows of the prefill block timed alongside one decode row when auto decides whether a packed path pays."""
+
+
+def pays_off(path: KernelPath, layer: QuantLinear, verdicts: dict[tuple, bool]) -> bool:
+    """Whether ``path`` runs ``layer`` at least as fast as a dense matmul, for a decode row and a prefill block
+    (best of a few calls each, after a warm-up). Decided once per (path, shape, scheme, dtype, device)."""
+    key = (path.name, layer.out_features, layer.in_features, layer.scheme, layer.weight_scale.dtype,
+           device_of(layer))
+    if key not in verdicts:
+        verdicts[key] = _time_against_dense(path, layer)
+    return verdicts[key]
+
+
+def _time_against_dense(path: KernelPath, layer: QuantLinear) -> bool:
+    from compress.kernels.reference import compute_dtype
+
+    device = device_of(layer)
+    probe = torch.empty(0, dtype=layer.weight_scale.dtype, device=device)
+    dense = layer.dequantized_weight(compute_dtype(probe))
+    saved, before = layer.kernel, set(layer._buffers)
+    pays = False
+    try:
+        path.prepare(layer)
+        layer.kernel = path
+        for rows in (1, PREFILL_ROWS):
+            x = torch.randn(rows, layer.in_features, dtype=layer.weight_scale.dtype, device=device)
+            packed_s = _best_time(lambda x=x: layer(x), device)
+            dense_s = _best_time(lambda x=x: torch.nn.functional.linear(x.to(dense.dtype), dense), device)
+            if packed_s > dense_s:
+                return False
+        pays = True
+        return True
+    finally:
+        layer.kernel = saved
+        if not pays:  # the packed path's prepared buffers (e.g. repacked codes) are not kept
+            for extra in set(layer._buffers) - before:
+                del layer._buffers[extra]
+
+
+def _best_time(call, device: torch.device, repeats: int = 5) -> float:
+    with torch.inference_mode():
+        call()
+        best = float("inf")
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def device_of(layer: nn.Module) -> torch.device:
