@@ -46,7 +46,7 @@ class EvalConfig(_Strict):
     max_ppl_increase: float | None = Field(None, ge=0)
     min_compression_ratio: float | None = Field(None, gt=0)
     min_cosine: float | None = Field(None, ge=-1, le=1)
-    kernel: Literal["reference", "auto", "cpu", "triton"] = "reference"
+    kernel: Literal["reference", "auto", "dense", "cpu", "triton"] = "reference"
     """Forward path of quantized layers during eval. ``reference`` (dequantize, then matmul in the model
     dtype) measures the checkpoint itself; the fast paths may compute in bf16 (the CPU int4 kernel does),
     which adds its own error on top of quantization and would blur comparisons between methods."""
