@@ -1,0 +1,54 @@
+"""compress_model: the sweep in memory (no folder, no tokenizer), the same weights compress.run exports."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compress
+from compress.core.errors import CompressError
+from compress.kernels.quant_linear import QuantLinear
+from compress.models.load import load_model
+from compress.pipeline.engine import compress_model, needs_calibration
+from compress.recipes.loader import recipe_from_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _tiny import save_tiny  # noqa: E402
+
+
+def test_in_memory_rtn_needs_no_data_and_writes_nothing(tmp_path, monkeypatch):
+    folder = save_tiny("llama", tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    model = load_model(str(folder)).model
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32}]
+    assert not needs_calibration(stages)
+    model, records = compress_model(model, stages)
+    assert len(records) == 14 and all(r.scheme == "w4g32" for r in records)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_in_memory_gptq_equals_the_exported_run(tmp_path):
+    folder = save_tiny("llama", tmp_path / "llama")
+    recipe = recipe_from_dict({"model": str(folder), "eval": {"enabled": False},
+                               "calibration": {"num_samples": 4, "seq_len": 32},
+                               "stages": [{"method": "gptq", "bits": 4, "group_size": 32}]})
+    compress.run(recipe, tmp_path / "out")
+    exported = compress.load(tmp_path / "out", kernel="reference")
+
+    from compress.calibrate.data import calibration_samples
+
+    loaded = load_model(str(folder))
+    ids = calibration_samples(loaded.tokenizer, "demo-calib", 4, 32, seed=0).input_ids
+    with pytest.raises(CompressError, match="calibration"):
+        compress_model(load_model(str(folder)).model, recipe.stages)
+    model, records = compress_model(loaded.model, recipe.stages, ids)
+    assert len(records) == 14
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(module.weight_packed, exported.get_submodule(name).weight_packed), name
