@@ -12,6 +12,7 @@ from compress.calibrate.data import (
     BUILTIN_CORPORA,
     DatasetSpec,
     calibration_samples,
+    check_source,
     eval_windows,
     load_texts,
     parse_source,
@@ -70,9 +71,57 @@ def test_parse_invalid() -> None:
 
 
 def test_txt_paragraphs_are_documents(tmp_path: Path) -> None:
+    """A .txt file is ONE document (newlines kept) unless a separator is asked for; then paragraphs split."""
+    text = "first line\nsame doc\n\n\nsecond doc\n\nthird doc\n"
     f = tmp_path / "a.txt"
-    f.write_text("first line\nsame doc\n\n\nsecond doc\n\nthird doc\n")
-    assert load_texts(str(f)) == ["first line\nsame doc", "second doc", "third doc"]
+    f.write_text(text)
+    assert load_texts(str(f)) == [text]
+    assert load_texts(str(f), doc_separator="\n\n") == ["first line\nsame doc", "second doc", "third doc"]
+    assert load_texts(str(f), doc_separator="doc") == ["first line\nsame", "second", "third"]
+
+
+def test_txt_stream_is_the_concatenated_text(tiny_tokenizer, corpus_texts, tmp_path: Path) -> None:
+    """The held-out-text protocol of lm-eval / the papers: the whole file tokenized as one stream, one BOS."""
+    text = "\n\n".join(corpus_texts) + "\n"
+    f = tmp_path / "heldout.txt"
+    f.write_text(text)
+    stream = tokenize_stream(tiny_tokenizer, load_texts(str(f)))
+    assert stream.tolist() == tiny_tokenizer(text).input_ids
+    assert torch.equal(eval_windows(tiny_tokenizer, str(f), seq_len=16).flatten(), stream[: stream.numel() // 16 * 16])
+    split = tokenize_stream(tiny_tokenizer, load_texts(str(f), doc_separator="\n\n"))
+    assert torch.equal(split, tokenize_stream(tiny_tokenizer, corpus_texts))  # one document per paragraph
+    assert not torch.equal(split, stream)
+    windows = eval_windows(tiny_tokenizer, str(f), seq_len=16, doc_separator="\n\n")
+    assert torch.equal(windows.flatten(), split[: windows.numel()])
+
+
+def test_a_folder_of_txt_files_is_one_document_per_file(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "b.txt").write_text("three\n")
+    assert load_texts(str(tmp_path)) == ["one\n\ntwo\n", "three\n"]
+    assert load_texts(str(tmp_path), doc_separator="\n\n") == ["one", "two", "three"]
+
+
+def test_rows_stay_documents_whatever_the_separator(tmp_path: Path) -> None:
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a\n\nb", "c"]))
+    assert load_texts(str(f)) == load_texts(str(f), doc_separator="\n\n") == ["a\n\nb", "c"]
+
+
+@pytest.mark.skipif(not BUILTIN_CORPORA["demo-calib"].is_file(), reason="embedded corpus not built yet")
+@pytest.mark.parametrize("name", ["demo-calib", "demo-heldout"])
+def test_builtin_corpora_are_one_document_per_row(name: str) -> None:
+    rows = [json.loads(line)["text"] for line in BUILTIN_CORPORA[name].read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    expected = [r.strip() for r in rows if r.strip()]
+    assert load_texts(name) == expected
+    assert load_texts(name, doc_separator="\n\n") == expected
+
+
+def test_separator_is_part_of_the_calibration_fingerprint(tiny_tokenizer, corpus_txt: Path) -> None:
+    whole = calibration_samples(tiny_tokenizer, str(corpus_txt), 2, 16)
+    split = calibration_samples(tiny_tokenizer, str(corpus_txt), 2, 16, doc_separator="\n\n")
+    assert whole.fingerprint != split.fingerprint and whole.total_tokens != split.total_tokens
 
 
 def test_jsonl_text_field_and_column(tmp_path: Path) -> None:
@@ -128,6 +177,38 @@ def test_unsupported_extension_and_empty(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     with pytest.raises(CompressError, match="has no .txt, .json"):
         load_texts(str(tmp_path / "sub"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("empty.txt", ""), ("blank.txt", "\n\n   \n\n"), ("empty.jsonl", ""), ("blank.jsonl", "\n\n"),
+     ("empty.csv", ""), ("header.csv", "text\n"), ("blank-rows.jsonl", '{"text": "  "}\n')],
+)
+def test_a_file_without_text_says_so_in_one_sentence(tmp_path: Path, name: str, content: str) -> None:
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(CompressError) as error:
+        load_texts(str(f))
+    message = str(error.value)
+    assert message.startswith(f"dataset file '{f}' has no text (") and "\n" not in message
+    for internals in ("features", "StopIteration", "columns to parse", "corresponds to no data"):
+        assert internals not in message
+
+
+def test_check_source_refuses_bad_local_paths_without_reading_them(tmp_path: Path) -> None:
+    with pytest.raises(CompressError, match=r"dataset file '.*absent\.txt' does not exist"):
+        check_source(str(tmp_path / "absent.txt"))
+    (tmp_path / "data.xml").write_text("<doc/>")
+    with pytest.raises(CompressError, match="unsupported extension '.xml'"):
+        check_source(str(tmp_path / "data.xml"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(CompressError, match="has no text"):
+        check_source(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(CompressError, match="has no .txt, .json"):
+        check_source(str(tmp_path / "sub"))
+    assert check_source("demo-calib").kind == "builtin"
+    assert check_source("someorg/somedata").kind == "hub"  # cannot be checked offline: left to the load
 
 
 def test_missing_file_spec_object(tmp_path: Path) -> None:

@@ -4,17 +4,28 @@ A SOURCE is one of, tried in this order:
 
 - a built-in corpus name: ``demo-calib`` (the calibration split shipped with the package) or ``demo-heldout``
   (held-out text for perplexity; never used for calibration, so eval does not reward overfitting);
-- an existing local file or folder, optionally followed by ``#column``:
-  ``.txt`` (paragraphs separated by blank lines are documents), ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv``
-  (the text is the ``#column`` if given, else the ``text`` column, else the first string column); a folder means
-  every supported file under it, in sorted path order;
+- an existing local file or folder, optionally followed by ``#column``: ``.txt``, ``.json`` / ``.jsonl`` /
+  ``.parquet`` / ``.csv`` (the text is the ``#column`` if given, else the ``text`` column, else the first string
+  column); a folder means every supported file under it, in sorted path order;
 - a Hugging Face Hub dataset written ``id[:config][@split][#column]``, for example
   ``Salesforce/wikitext:wikitext-2-raw-v1@test#text`` or ``allenai/c4:en@train[:2000]``. The split defaults to
   ``train`` and accepts the datasets slicing syntax, which is how to take a small part of a big corpus.
 
+What a document is (the protocol; it decides where BOS/EOS go, so it moves perplexity):
+
+- a plain ``.txt`` file is ONE document: the whole file's text, newlines kept, as lm-eval and the papers score
+  wikitext. Only when a ``doc_separator`` is given (recipe ``calibration.doc_separator`` /
+  ``eval.doc_separator``, e.g. ``"\\n\\n"``) is the text split at it into documents (each stripped, blank
+  ones dropped);
+- a row of a JSON / JSONL / CSV / parquet file or of a hub dataset is one document (stripped, blank rows
+  dropped), whatever ``doc_separator`` says; the built-in corpora are JSONL, so they are one document per row.
+
 Documents are tokenized without special tokens and joined with EOS (SEP for encoders) into one stream;
 calibration takes GPTQ-style random windows from it, evaluation takes consecutive non-overlapping windows.
 Everything is deterministic for a seed, and a fingerprint of the exact token ids goes into the manifest.
+
+:func:`check_source` does what can be decided before a model loads: it parses the SOURCE and, for local
+files, checks they exist, have a supported suffix and are not empty (hub ids cannot be checked offline).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ __all__ = [
     "DatasetSpec",
     "TokenSamples",
     "calibration_samples",
+    "check_source",
     "eval_windows",
     "load_texts",
     "parse_source",
@@ -160,16 +172,53 @@ def _root_reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200].rstrip(".") if text else type(exc).__name__
 
 
-def _load_local(files: Sequence[Path], column: str | None, label: str) -> list[str]:
+_NO_TEXT = "has no text (it is empty, holds only blank lines, or has no rows with text)"
+
+
+def _is_blank(path: Path) -> bool:
+    """True when the file holds nothing but whitespace (read until the first other byte)."""
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                if chunk.strip():
+                    return False
+    except OSError as error:
+        raise CompressError(f"could not read dataset file '{path}' ({error.strerror})") from None
+    return True
+
+
+def _read_txt(path: Path, column: str | None, label: str, doc_separator: str | None) -> list[str]:
+    """A plain text file: one document (the whole text), or pieces at ``doc_separator``."""
+    if column not in (None, "text"):
+        raise CompressError(f"dataset '{label}' has no column '{column}' (columns: text)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CompressError(f"dataset file '{path}' is not UTF-8 text") from None
+    except OSError as error:
+        raise CompressError(f"could not read dataset file '{path}' ({error.strerror})") from None
+    if doc_separator is None:
+        return [text] if text.strip() else []
+    return [piece.strip() for piece in text.split(doc_separator) if piece.strip()]
+
+
+def _load_local(files: Sequence[Path], column: str | None, label: str,
+                doc_separator: str | None = None) -> list[str]:
     import datasets
 
     texts: list[str] = []
     for f in files:
         builder = _LOADERS[f.suffix.lower()]
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        if builder == "text":
+            texts.extend(_read_txt(f, column, label, doc_separator))
+            continue
+        if _is_blank(f):  # datasets would fail on it with its own internals ("StopIteration", "no columns")
+            continue
         try:
-            ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", **extra)
+            ds = datasets.load_dataset(builder, data_files=[str(f)], split="train")
         except Exception as exc:  # arrow / json / csv parse errors all mean an unreadable file
+            if "corresponds to no data" in str(exc):  # a CSV header without rows, say
+                continue
             raise CompressError(f"could not read dataset file '{f}': {_root_reason(exc)}") from exc
         texts.extend(_texts_of(ds, column, label))
     return texts
@@ -200,24 +249,41 @@ def _load_hub(spec: DatasetSpec, label: str) -> list[str]:
     return _texts_of(ds, spec.column, label)
 
 
-def load_texts(spec: str | DatasetSpec) -> list[str]:
-    """The non-empty documents of a SOURCE, in file order; every user mistake is a ``CompressError``."""
+def check_source(spec: str | DatasetSpec) -> DatasetSpec:
+    """The parsed SOURCE, refused in one sentence if a local path is missing, unsupported or empty, so a
+    bad ``--dataset`` is caught before any weights load (``--dry-run`` too). Hub ids are not checked."""
     label = _label(spec)
     parsed = parse_source(spec) if isinstance(spec, str) else spec
     if parsed.kind == "builtin":
         path = BUILTIN_CORPORA[parsed.path]
         if not path.is_file():
             raise CompressError(f"built-in corpus '{parsed.path}' is missing from this installation ({path})")
-        texts = _load_local([path], parsed.column, label)
     elif parsed.kind == "local":
         path = Path(parsed.path)
         if not path.exists():
             raise CompressError(f"dataset file '{label}' does not exist")
-        texts = _load_local(_local_files(path, label), parsed.column, label)
+        files = _local_files(path, label)
+        if path.is_file() and _is_blank(files[0]):
+            raise CompressError(f"dataset file '{label}' {_NO_TEXT}")
+    return parsed
+
+
+def load_texts(spec: str | DatasetSpec, doc_separator: str | None = None) -> list[str]:
+    """The non-empty documents of a SOURCE, in file order; every user mistake is a ``CompressError``.
+
+    ``doc_separator`` splits plain ``.txt`` files into documents; without it each ``.txt`` file is one."""
+    label = _label(spec)
+    parsed = check_source(spec)
+    if parsed.kind == "builtin":
+        texts = _load_local([BUILTIN_CORPORA[parsed.path]], parsed.column, label, doc_separator)
+    elif parsed.kind == "local":
+        path = Path(parsed.path)
+        texts = _load_local(_local_files(path, label), parsed.column, label, doc_separator)
     else:
         texts = _load_hub(parsed, label)
     if not texts:
-        raise CompressError(f"dataset '{label}' has no text")
+        what = "dataset file" if parsed.kind == "local" and Path(parsed.path).is_file() else "dataset"
+        raise CompressError(f"{what} '{label}' {_NO_TEXT}")
     return texts
 
 
@@ -261,11 +327,12 @@ def calibration_samples(
     seq_len: int,
     seed: int = 0,
     progress: Progress | None = None,
+    doc_separator: str | None = None,
 ) -> TokenSamples:
     """``num_samples`` random ``seq_len`` windows of the stream (GPTQ-style), reproducible for a seed."""
     if num_samples < 1 or seq_len < 1:
         raise CompressError(f"--num-samples and --seq-len must be positive (got {num_samples} and {seq_len})")
-    stream = tokenize_stream(tokenizer, load_texts(source), progress)
+    stream = tokenize_stream(tokenizer, load_texts(source, doc_separator), progress)
     total = int(stream.numel())
     if total < seq_len:
         raise CompressError(
@@ -281,6 +348,8 @@ def calibration_samples(
         "num_samples": num_samples,
         "seq_len": seq_len,
     }
+    if doc_separator is not None:  # absent otherwise, so fingerprints from before the field are unchanged
+        header["doc_separator"] = doc_separator
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     digest.update(input_ids.numpy().astype("<i8").tobytes())
     return TokenSamples(
@@ -297,11 +366,12 @@ def eval_windows(
     seq_len: int,
     max_windows: int | None = None,
     progress: Progress | None = None,
+    doc_separator: str | None = None,
 ) -> Tensor:
     """Consecutive non-overlapping [W, seq_len] windows over the whole stream; the short tail is dropped."""
     if seq_len < 1:
         raise CompressError(f"--seq-len must be positive (got {seq_len})")
-    stream = tokenize_stream(tokenizer, load_texts(source), progress)
+    stream = tokenize_stream(tokenizer, load_texts(source, doc_separator), progress)
     windows = stream.numel() // seq_len
     if max_windows is not None:
         windows = min(windows, max_windows)

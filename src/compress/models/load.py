@@ -193,7 +193,22 @@ def load_tokenizer(spec: str | None, *, trust_remote_code: bool = False) -> PreT
     except Exception as exc:
         if not _is_local(source):
             raise _hub_error(shown, exc) from exc
-        raise CompressError(f"model '{shown}' has no usable tokenizer: {_reason(exc)}") from exc
+        raise CompressError(_tokenizer_problem(shown, Path(source), exc)) from exc
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                    "vocab.txt", "merges.txt")
+
+
+def _tokenizer_problem(shown: str, folder: Path, exc: BaseException) -> str:
+    """One complete sentence: no tokenizer files at all, or the reason transformers gives (on one line)."""
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return (f"model folder '{shown}' has no usable tokenizer: it holds none of tokenizer.json, tokenizer.model, "
+                "vocab.json or vocab.txt, so copy the tokenizer files of the model it was made from into it")
+    reason = " ".join(str(exc).split()).rstrip(" .:")[:300] or type(exc).__name__
+    if isinstance(exc, KeyError | AttributeError | TypeError | IndexError):  # their text alone says little
+        reason = f"{type(exc).__name__}: {reason}"
+    return f"model folder '{shown}' has no usable tokenizer: transformers cannot load it ({reason})"
 
 
 def check_model_folder(spec: str, folder: Path) -> None:

@@ -46,7 +46,7 @@ from compress.models.load import (
     resolve_model_source,
 )
 from compress.passes import PASSES, LayerPass
-from compress.pipeline.evaluation import context_length, evaluate_artifact, is_compressed
+from compress.pipeline.evaluation import check_before_load, context_length, evaluate_artifact, is_compressed
 from compress.pipeline.output_dir import output_path, partial_dir, staging_dir
 from compress.pipeline.resume import open_checkpoint, resumable_sweep
 from compress.pipeline.sequential import check_layers
@@ -70,38 +70,9 @@ class RunResult:
     gates: list[dict[str, Any]] = field(default_factory=list)
     layers: int = 0
     calibration: dict[str, Any] | None = None
-    parameters_after: int | None = None
-    """Structured runs: the smaller model's parameter count (``parameters`` is the original's)."""
-    structured: list[dict[str, Any]] = field(default_factory=list)
-    """Structured runs: per stage, what was asked and what was removed (``summary``: one sentence)."""
-    per_channel_fallback: int = 0
-    """Layers quantized per channel because the group size does not divide their width (``indivisible``)."""
-    notes: list[str] = field(default_factory=list)
-    """What was done differently from what was asked, one sentence each (the CLI prints them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def per_channel_fallback(layer_plan, results: list) -> tuple[int, str | None]:
-    """How many quantized layers fell back to per-channel scales (``indivisible: per-channel``), and why."""
-    width = {r.name: r.in_features for r in results}
-    fell: dict[str, int] = {}
-    total, group = 0, 0
-    for layer_pass, names in layer_plan:
-        scheme_for = getattr(layer_pass.config, "scheme_for", None)
-        if scheme_for is None:
-            continue
-        asked = layer_pass.config.scheme
-        for name in (n for n in names if n in width):
-            total += 1
-            if scheme_for(width[name]) != asked:
-                fell[name], group = width[name], asked.group_size
-    if not fell:
-        return 0, None
-    widths = ", ".join(map(str, sorted(set(fell.values()))))
-    return len(fell), (f"{len(fell)} of {total} layers quantized per channel instead of in groups of {group}: "
-                       f"their input width ({widths}) is not a multiple of {group} (indivisible: per-channel)")
 
 
 def build_passes(recipe: Recipe) -> list[LayerPass]:
@@ -147,6 +118,8 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
     ``./compressed/<model>-<scheme>``). ``resume``: checkpoint every block and continue an interrupted
     run of the same recipe (``compress.pipeline.resume``)."""
     from compress.pipeline.structured import is_structured, run_structured  # it builds on this module
+
+    check_before_load(recipe)  # datasets, gates and eval text: refused before any weights are read
 
     if is_structured(recipe) and resume:
         raise CompressError("--resume is not supported for structured pruning yet; run without it")
@@ -201,12 +174,11 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
             staging, recipe, source, calibration=calibration, parameters=parameters, results=results,
             timings=timings, progress=progress)
     timings["total_s"] = time.perf_counter() - start
-    fallback, why = per_channel_fallback(layer_plan, results)
     result = RunResult(
         output=str(target), model=_display_source(source), parameters=parameters,
         size_before_bytes=size_before, size_after_bytes=size_after, compression_ratio=ratio,
         timings=timings, metrics=metrics, gates=[asdict(g) for g in gates], layers=len(results),
-        calibration=calibration, per_channel_fallback=fallback, notes=[why] if why else [],
+        calibration=calibration,
     )
     failed = [g.message for g in gates if not g.passed]
     if failed:
@@ -282,7 +254,7 @@ def _calibrate(recipe: Recipe, loaded: LoadedModel, say: Log,
     cal = recipe.calibration
     seq_len = cal.seq_len or min(2048, context_length(loaded.model.config))
     samples = calibration_samples(loaded.tokenizer, cal.dataset, cal.num_samples, seq_len, seed=cal.seed,
-                                  progress=progress)
+                                  progress=progress, doc_separator=cal.doc_separator)
     if samples.overlapping:
         say(f"calibration: {cal.dataset} has {samples.total_tokens:,} tokens, fewer than the "
             f"{cal.num_samples * seq_len:,} of {cal.num_samples} samples x {seq_len}; samples overlap")
@@ -359,13 +331,13 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe and the layers it would touch, from the config alone (no weights loaded)."""
     from compress.models.blocks import plan_layers
     from compress.models.load import load_config
-    from compress.pipeline.structured import is_structured, plan_structured
+    from compress.pipeline.structured import check_structured, is_structured
 
     source = resolve_model_source(recipe.model)
     refuse_compressed(source)
-    structured = []
-    if is_structured(recipe):  # the refusals a structured run would hit, and what it removes, from the config
-        structured = plan_structured(recipe, source)
+    check_before_load(recipe)  # datasets, gates and eval text, as run() refuses them
+    if is_structured(recipe):  # the refusals a structured run would hit, decided from the config too
+        check_structured(recipe, source)
     config = load_config(source, trust_remote_code=recipe.trust_remote_code)
     stages = []
     for layer_pass in build_passes(recipe):
@@ -374,9 +346,7 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         for name, in_features, _ in layers:
             if scheme_for is not None:
                 scheme_for(in_features).check_layer(name, in_features)
-        tag = layer_pass.describe()
-        stages.append({"method": layer_pass.config.method, "scheme": tag, "layers": [
-            {"name": n, "in_features": i, "out_features": o, "scheme": scheme_for(i).tag if scheme_for else tag}
-            for n, i, o in layers]})
+        stages.append({"method": layer_pass.config.method, "scheme": layer_pass.describe(),
+                       "layers": [{"name": n, "in_features": i, "out_features": o} for n, i, o in layers]})
     return {"recipe": yaml.safe_load(dump_recipe(recipe)), "model": _display_source(source),
-            "output": str(default_output(recipe)), "stages": stages, **({"structured": structured} if structured else {})}
+            "output": str(default_output(recipe)), "stages": stages}
