@@ -70,9 +70,38 @@ class RunResult:
     gates: list[dict[str, Any]] = field(default_factory=list)
     layers: int = 0
     calibration: dict[str, Any] | None = None
+    parameters_after: int | None = None
+    """Structured runs: the smaller model's parameter count (``parameters`` is the original's)."""
+    structured: list[dict[str, Any]] = field(default_factory=list)
+    """Structured runs: per stage, what was asked and what was removed (``summary``: one sentence)."""
+    per_channel_fallback: int = 0
+    """Layers quantized per channel because the group size does not divide their width (``indivisible``)."""
+    notes: list[str] = field(default_factory=list)
+    """What was done differently from what was asked, one sentence each (the CLI prints them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def per_channel_fallback(layer_plan, results: list) -> tuple[int, str | None]:
+    """How many quantized layers fell back to per-channel scales (``indivisible: per-channel``), and why."""
+    width = {r.name: r.in_features for r in results}
+    fell: dict[str, int] = {}
+    total, group = 0, 0
+    for layer_pass, names in layer_plan:
+        scheme_for = getattr(layer_pass.config, "scheme_for", None)
+        if scheme_for is None:
+            continue
+        asked = layer_pass.config.scheme
+        for name in (n for n in names if n in width):
+            total += 1
+            if scheme_for(width[name]) != asked:
+                fell[name], group = width[name], asked.group_size
+    if not fell:
+        return 0, None
+    widths = ", ".join(map(str, sorted(set(fell.values()))))
+    return len(fell), (f"{len(fell)} of {total} layers quantized per channel instead of in groups of {group}: "
+                       f"their input width ({widths}) is not a multiple of {group} (indivisible: per-channel)")
 
 
 def build_passes(recipe: Recipe) -> list[LayerPass]:
@@ -174,11 +203,12 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
             staging, recipe, source, calibration=calibration, parameters=parameters, results=results,
             timings=timings, progress=progress)
     timings["total_s"] = time.perf_counter() - start
+    fallback, why = per_channel_fallback(layer_plan, results)
     result = RunResult(
         output=str(target), model=_display_source(source), parameters=parameters,
         size_before_bytes=size_before, size_after_bytes=size_after, compression_ratio=ratio,
         timings=timings, metrics=metrics, gates=[asdict(g) for g in gates], layers=len(results),
-        calibration=calibration,
+        calibration=calibration, per_channel_fallback=fallback, notes=[why] if why else [],
     )
     failed = [g.message for g in gates if not g.passed]
     if failed:
@@ -331,13 +361,14 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe and the layers it would touch, from the config alone (no weights loaded)."""
     from compress.models.blocks import plan_layers
     from compress.models.load import load_config
-    from compress.pipeline.structured import check_structured, is_structured
+    from compress.pipeline.structured import is_structured, plan_structured
 
     source = resolve_model_source(recipe.model)
     refuse_compressed(source)
     check_before_load(recipe)  # datasets, gates and eval text, as run() refuses them
-    if is_structured(recipe):  # the refusals a structured run would hit, decided from the config too
-        check_structured(recipe, source)
+    structured = []
+    if is_structured(recipe):  # the refusals a structured run would hit, and what it removes, from the config
+        structured = plan_structured(recipe, source)
     config = load_config(source, trust_remote_code=recipe.trust_remote_code)
     stages = []
     for layer_pass in build_passes(recipe):
@@ -346,7 +377,9 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         for name, in_features, _ in layers:
             if scheme_for is not None:
                 scheme_for(in_features).check_layer(name, in_features)
-        stages.append({"method": layer_pass.config.method, "scheme": layer_pass.describe(),
-                       "layers": [{"name": n, "in_features": i, "out_features": o} for n, i, o in layers]})
+        tag = layer_pass.describe()
+        stages.append({"method": layer_pass.config.method, "scheme": tag, "layers": [
+            {"name": n, "in_features": i, "out_features": o, "scheme": scheme_for(i).tag if scheme_for else tag}
+            for n, i, o in layers]})
     return {"recipe": yaml.safe_load(dump_recipe(recipe)), "model": _display_source(source),
-            "output": str(default_output(recipe)), "stages": stages}
+            "output": str(default_output(recipe)), "stages": stages, **({"structured": structured} if structured else {})}
