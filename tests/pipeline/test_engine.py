@@ -52,3 +52,16 @@ def test_in_memory_gptq_equals_the_exported_run(tmp_path):
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             assert torch.equal(module.weight_packed, exported.get_submodule(name).weight_packed), name
+
+
+def test_rtn_run_builds_no_calibration(tmp_path, monkeypatch):
+    """A data-free method neither tokenizes nor fingerprints calibration text (it used to build all of it)."""
+    import compress.pipeline.run as run_module
+
+    folder = save_tiny("llama", tmp_path / "llama")
+    monkeypatch.setattr(run_module, "calibration_samples",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("calibration was built")))
+    recipe = recipe_from_dict({"model": str(folder), "eval": {"enabled": False},
+                               "stages": [{"method": "rtn", "bits": 4, "group_size": 32}]})
+    result = compress.run(recipe, tmp_path / "out")
+    assert result.calibration is None and result.layers == 14

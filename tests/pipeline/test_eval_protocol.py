@@ -45,7 +45,7 @@ def test_eval_scores_the_text_file_as_one_stream_in_windows_of_eval_seq_len(llam
 def test_calibration_uses_the_recipe_separator(llama_dir, text_file, tmp_path):
     def run(separator: str | None, out: str) -> dict:
         recipe = compress.Recipe(
-            model=str(llama_dir), stages=[{"method": "rtn", "group_size": 32}], eval={"enabled": False},
+            model=str(llama_dir), stages=[{"method": "gptq", "group_size": 32}], eval={"enabled": False},
             calibration={"dataset": str(text_file), "num_samples": 2, "seq_len": 16, "doc_separator": separator})
         return compress.run(recipe, tmp_path / out).calibration
 

@@ -151,3 +151,32 @@ def test_calibrated_sweep_sees_every_token_and_quantizes_every_layer(family):
     # blocks are visited in order
     block_of = [int(n[len(path) + 1:].split(".")[0]) for n in layer_pass.order]
     assert block_of == sorted(block_of)
+
+
+class _Passthrough(HessianRecordingPass):
+    """Records Hessians but leaves every layer dense, so later groups see uncompressed inputs."""
+
+    def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
+        self.hessians[name] = stats.hessian.clone()
+        return linear
+
+
+def test_true_sequential_off_calibrates_every_group_on_the_blocks_own_inputs():
+    ids = torch.randint(3, 100, (4, 16))
+
+    def hessians(layer_pass, true_sequential):
+        torch.manual_seed(0)
+        model = _model("llama")
+        path, blocks = find_blocks(model)
+        with torch.inference_mode():
+            run_layerwise(model, path, blocks, [(layer_pass, select_layers(model))], device=torch.device("cpu"),
+                          input_ids=ids, true_sequential=true_sequential)
+        return {n: h for n, h in layer_pass.hessians.items() if n.startswith("model.layers.0.")}
+
+    dense = hessians(_Passthrough(_RecordingConfig(bits=2, group_size=32)), True)
+    off = hessians(HessianRecordingPass(_RecordingConfig(bits=2, group_size=32)), False)
+    on = hessians(HessianRecordingPass(_RecordingConfig(bits=2, group_size=32)), True)
+    o_proj = "model.layers.0.self_attn.o_proj"
+    for name, hessian in dense.items():  # one forward on the block's inputs: nothing compressed yet
+        torch.testing.assert_close(off[name], hessian, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(on[o_proj], dense[o_proj], rtol=1e-3)  # true-sequential sees 2-bit q/k/v outputs

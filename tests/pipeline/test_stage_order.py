@@ -36,7 +36,10 @@ def _recipe(model: Path, stages: list[dict]):
     [{"method": "gptq", "bits": 4, "group_size": 32}, {"method": "magnitude", "sparsity": 0.5}],
     [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 32}, {"method": "rtn", "bits": 8}],
 ])
-def test_quantized_layers_cannot_be_rewritten(llama, stages, tmp_path):
+def test_quantized_layers_cannot_be_rewritten(llama, stages, tmp_path, monkeypatch):
+    import compress.pipeline.run as run_module
+
+    monkeypatch.setattr(run_module, "_load", lambda *a: (_ for _ in ()).throw(AssertionError("weights loaded")))
     recipe = _recipe(llama, stages)
     with pytest.raises(CompressError, match="already quantized"):
         check_recipe_order(recipe, load_config(str(llama)))

@@ -87,6 +87,11 @@ class HessianStats:
         assert self._sq_norms is not None
         return self._sq_norms
 
+    def share_key(self) -> tuple:
+        """Accumulators with equal keys fed the same inputs hold the same numbers, so layers that read one
+        tensor (q/k/v, gate/up) may share one: the sweep then computes each Hessian once per group."""
+        return (type(self), self.in_features, self.device)
+
     def free(self) -> None:
         """Drop the tensors (the Hessian is ``in²`` floats per layer); ``tokens`` stays for reports."""
         self._hessian = None

@@ -50,12 +50,13 @@ def needs_calibration(stages: Sequence[Any]) -> bool:
 def compress_model(model: nn.Module, stages: Sequence[Any], calibration: torch.Tensor | None = None, *,
                    device: torch.device | str = "cpu", checkpoint=None, prepare_block: Callable[[int], None] | None = None,
                    progress: Progress | None = None, log: Callable[[str], None] | None = None,
-                   ) -> tuple[nn.Module, list[LayerResult]]:
+                   true_sequential: bool = False) -> tuple[nn.Module, list[LayerResult]]:
     """Compress ``model`` in place with ``stages`` and return it with one record per compressed layer.
 
     ``calibration``: token ids ``[samples, seq_len]`` (needed when a stage is calibrated). ``checkpoint``:
     a ``pipeline.resume.SweepCheckpoint`` to save each block (``--resume``). ``prepare_block(i)`` is called
-    right before block ``i`` is used (streamed loading reads its weights then)."""
+    right before block ``i`` is used (streamed loading reads its weights then). ``true_sequential``: see
+    ``CalibrationConfig.true_sequential``."""
     from compress.pipeline.resume import resumable_sweep
 
     passes = layer_passes(stages)
@@ -66,5 +67,6 @@ def compress_model(model: nn.Module, stages: Sequence[Any], calibration: torch.T
     block_path, blocks = find_blocks(model)
     with torch.inference_mode():
         records = resumable_sweep(model, block_path, blocks, plan, checkpoint, log=log, device=torch.device(device),
-                                  input_ids=calibration, prepare_block=prepare_block, progress=progress)
+                                  input_ids=calibration, prepare_block=prepare_block, progress=progress,
+                                  true_sequential=true_sequential)
     return model, records

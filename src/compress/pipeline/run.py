@@ -22,9 +22,11 @@ from compress.evaluate.gates import check_gates
 from compress.evaluate.size import dir_size_bytes, parameter_count
 from compress.export.card import write_card
 from compress.export.checkpoint import (
+    BITMASK_PREFIX,
     checkpoint_tensors,
     quantization_config,
     quantized_modules,
+    sparse_modules,
     write_config,
     write_weights,
 )
@@ -37,19 +39,22 @@ from compress.export.gptq import (
 )
 from compress.export.manifest import tool_version, write_manifest
 from compress.export.st_files import copy_sentence_transformers_files
-from compress.models.blocks import find_blocks, find_linears, select_layers
+from compress.models.blocks import find_linears, select_layers
 from compress.models.load import (
     LoadedModel,
     check_model_folder,
+    load_config,
     load_model,
     load_model_streaming,
     resolve_model_source,
 )
 from compress.passes import PASSES, LayerPass
+from compress.pipeline.engine import compress_model
 from compress.pipeline.evaluation import check_before_load, context_length, evaluate_artifact, is_compressed
 from compress.pipeline.output_dir import output_path, partial_dir, staging_dir
-from compress.pipeline.resume import open_checkpoint, resumable_sweep
+from compress.pipeline.resume import open_checkpoint
 from compress.pipeline.sequential import check_layers
+from compress.pipeline.stage_order import check_recipe_order
 from compress.recipes.loader import dump_recipe
 from compress.recipes.schema import Recipe, parse_size
 
@@ -161,6 +166,8 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
     device = resolve_device(recipe.device)
     source = resolve_model_source(recipe.model)
     refuse_compressed(source)
+    check_recipe_order(recipe, load_config(source, trust_remote_code=recipe.trust_remote_code),
+                       trust_remote_code=recipe.trust_remote_code)
 
     if not resume and partial_dir(target).is_dir():
         say(f"ignoring the interrupted run in {partial_dir(target)} (pass --resume to continue it)")
@@ -176,22 +183,23 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
             progress("load model", 1, 1)
         parameters = parameter_count(model)
         all_linears = list(find_linears(model))
-        block_path, blocks = find_blocks(model)
         layer_plan = plan(recipe, model)
         check_layers(model, layer_plan)
         in_blocks = select_layers(model, ignore=())
         check_export(recipe, model, layer_plan, in_blocks)
 
         tick = time.perf_counter()
-        calibration, calibration_ids = _calibrate(recipe, loaded, say, progress)
+        calibration, calibration_ids = None, None
+        if any(p.needs_calibration for p, _ in layer_plan):  # RTN and magnitude read no data: none is built
+            calibration, calibration_ids = _calibrate(recipe, loaded, say, progress)
         timings["calibration_s"] = time.perf_counter() - tick
         if checkpoint is not None:
-            checkpoint.check_calibration(calibration["fingerprint"])
+            checkpoint.check_calibration(calibration["fingerprint"] if calibration else "none")
 
         tick = time.perf_counter()
-        with torch.inference_mode():
-            results = resumable_sweep(model, block_path, blocks, layer_plan, checkpoint, log=say, device=device,
-                                      input_ids=calibration_ids, prepare_block=prepare_block, progress=progress)
+        model, results = compress_model(model, recipe.stages, calibration_ids, device=device, checkpoint=checkpoint,
+                                        prepare_block=prepare_block, progress=progress, log=say,
+                                        true_sequential=recipe.calibration.true_sequential)
         timings["compress_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -296,12 +304,14 @@ def _export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linea
             source: str | None = None) -> None:
     """Weights, config, generation config, tokenizer, the recorded recipe and, for a sentence-transformers
     source, its pipeline files (modules.json, 1_Pooling/, ...) so ``SentenceTransformer(out)`` opens it."""
-    tensors = checkpoint_tensors(model)
-    quant_config = quantization_config(model, all_linears)
+    sparse_format = recipe.export.sparse_format
+    tensors = checkpoint_tensors(model, sparse_format)
+    quant_config = quantization_config(model, all_linears, sparse_format)
     if recipe.export.format == "gptq":
         tensors, quant_config = _gptq_layout(model, tensors, recipe, in_blocks)
         write_quantize_config(staging, quant_config)
-    write_weights(tensors, staging, parse_size(recipe.export.max_shard_size))
+    write_weights(tensors, staging, parse_size(recipe.export.max_shard_size),
+                  stem=BITMASK_PREFIX if sparse_format == "bitmask" and sparse_modules(model) else "model")
     write_config(model.config, staging, quant_config)
     generation = getattr(model, "generation_config", None)
     if generation is not None and loaded.kind == "causal-lm":
@@ -360,7 +370,6 @@ def _source_size(source: str) -> int:
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe and the layers it would touch, from the config alone (no weights loaded)."""
     from compress.models.blocks import plan_layers
-    from compress.models.load import load_config
     from compress.pipeline.structured import is_structured, plan_structured
 
     source = resolve_model_source(recipe.model)
@@ -370,6 +379,8 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     if is_structured(recipe):  # the refusals a structured run would hit, and what it removes, from the config
         structured = plan_structured(recipe, source)
     config = load_config(source, trust_remote_code=recipe.trust_remote_code)
+    if not is_structured(recipe):
+        check_recipe_order(recipe, config, trust_remote_code=recipe.trust_remote_code)
     stages = []
     for layer_pass in build_passes(recipe):
         layers = plan_layers(config, ignore=layer_pass.config.ignore)

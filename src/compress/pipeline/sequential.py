@@ -128,15 +128,36 @@ class _GroupSeen(Exception):
 
 
 def _calibrate_group(model: nn.Module, block: nn.Module, layer_pass: LayerPass, group: list[str],
-                     inputs: list[BlockInput], device: torch.device, *, stop_early: bool) -> dict[str, object]:
+                     inputs: list[BlockInput], device: torch.device, *, stop_early: bool,
+                     shared_within: list[list[str]] | None = None) -> dict[str, object]:
     """Feed each layer's calibration inputs to its statistics, one forward per calibration batch.
 
     With ``stop_early`` the forward ends at the group's last layer (before it computes), so the q/k/v
-    group costs a norm rather than a whole block, and only the last group runs (almost) all of it."""
+    group costs a norm rather than a whole block, and only the last group runs (almost) all of it.
+    ``shared_within``: the sets of layers known to read one tensor (default: the whole ``group``)."""
     stats = {name: layer_pass.make_stats(name, model.get_submodule(name)) for name in group}
+    # layers of a group read the same tensor, so one accumulator per kind of statistic serves them all
+    # (q/k/v share one Hessian, gate/up another): the same numbers for a fraction of the products
+    for members in shared_within if shared_within is not None else [group]:
+        owners: dict[object, object] = {}
+        for name in members:
+            stat = stats[name]
+            key = stat.share_key() if hasattr(stat, "share_key") else None
+            if key is None:
+                continue
+            if key in owners:
+                stats[name] = owners[key]
+            else:
+                owners[key] = stat
     pending: set[str] = set()
     handles = []
+    fed: set[int] = set()
     for name, stat in stats.items():
+        if stat is not None and id(stat) in fed:
+            stat = None  # an alias: its owner is fed from the same input
+        elif stat is not None:
+            fed.add(id(stat))
+
         def hook(module, args, stat=stat, name=name):
             if stat is not None:
                 stat.add_batch(args[0].detach())
@@ -165,7 +186,8 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                   prepare_block: Callable[[int], None] | None = None,
                   progress: Progress | None = None, start_block: int = 0,
                   start_hidden: list[torch.Tensor] | None = None,
-                  on_block: BlockDone | None = None, early_exit: bool = True) -> list[LayerResult]:
+                  on_block: BlockDone | None = None, early_exit: bool = True,
+                  true_sequential: bool = True) -> list[LayerResult]:
     """Apply each pass to its layers, block by block, swapping in the modules the passes return.
 
     ``prepare_block(i)`` is called right before block ``i`` is used (streaming loads read its weights then).
@@ -173,6 +195,10 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
     skipped; ``start_hidden`` are the inputs of block ``start_block``. ``on_block(i, block, results,
     next_hidden)`` runs after each block is done and before its progress is reported, so a checkpoint
     written there survives an interrupt raised by the progress callback.
+
+    ``true_sequential`` (default): each group is calibrated on inputs produced by the already-compressed
+    groups before it. Off, every group's statistics come from one forward on the block's inputs, as
+    llm-compressor and the GPTQ reference do: two forwards per batch instead of one per group plus one.
 
     Cost per block, with ``B`` calibration batches (``forward_batch_size`` samples each): one probing
     forward, then per group ``B`` forwards that stop at the group (``early_exit``; off, each is a full
@@ -211,9 +237,21 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                 groups, stop_early = found.groups, found.stop_early and early_exit
             else:
                 groups, stop_early = [names], False
-            for group in groups:
-                stats = (_calibrate_group(model, block, layer_pass, group, inputs, device, stop_early=stop_early)
-                         if layer_pass.needs_calibration else {})
+            if layer_pass.needs_calibration and not true_sequential and len(groups) > 1:
+                # every group's statistics from one forward on the block's (uncompressed) inputs
+                everything = [name for group in groups for name in group]
+                one = _calibrate_group(model, block, layer_pass, everything, inputs, device, stop_early=stop_early,
+                                       shared_within=groups)
+                precomputed = [{name: one[name] for name in group} for group in groups]
+            else:
+                precomputed = None
+            for number, group in enumerate(groups):
+                if precomputed is not None:
+                    stats = precomputed[number]
+                elif layer_pass.needs_calibration:
+                    stats = _calibrate_group(model, block, layer_pass, group, inputs, device, stop_early=stop_early)
+                else:
+                    stats = {}
                 for name in group:
                     linear = model.get_submodule(name)
                     original = linear.weight.detach()
@@ -227,8 +265,8 @@ def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
                     if calibrated and hasattr(replacement, "hold_dense_weight"):
                         replacement.hold_dense_weight(original.dtype)
                         held.append(replacement)
-                    stat = stats.get(name)
-                    if stat is not None and hasattr(stat, "free"):
+                for stat in {id(s): s for s in stats.values() if s is not None}.values():
+                    if hasattr(stat, "free"):  # after the whole group: members may share one accumulator
                         stat.free()
         if calibrated and index + 1 < total:
             inputs = [item.with_hidden(block_output(block, item.to(device)).to(store)) for item in inputs]
