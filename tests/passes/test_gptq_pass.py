@@ -141,3 +141,14 @@ def test_missing_or_empty_stats_and_bad_group() -> None:
     bad = GPTQPass(GPTQConfig(group_size=48))
     with pytest.raises(CompressError, match="not divisible"):
         bad.apply("l", lin, calibrate(bad, lin, [torch.randn(300, 64)]))
+
+
+def test_act_order_keeps_groups_contiguous_and_refuses_dynamic_groups() -> None:
+    """Readers refuse actorder: group (compressed-tensors >= 0.19, vLLM, GPTQModel): act_order implies
+    static groups, and asking for dynamic ones is one sentence."""
+    from pydantic import ValidationError
+
+    assert GPTQConfig(act_order=True).static_groups is True
+    assert GPTQConfig().static_groups is False
+    with pytest.raises(ValidationError, match="refused by compressed-tensors >= 0.19"):
+        GPTQConfig(act_order=True, static_groups=False)
