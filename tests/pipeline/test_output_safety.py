@@ -176,6 +176,10 @@ def test_convert_gets_the_same_protection(previous, tmp_path, monkeypatch):
             "not a previous output of compress")
     assert (work / "notes.txt").read_text() == "mine" and (other / "keep.txt").read_text() == "mine"
     assert leftovers(work) == [] and leftovers(tmp_path) == []
+    # an output inside the checkpoint being converted is refused like one inside a source model
+    refused(runner.invoke(app, ["convert", str(previous), "--to", "gptq", "--output", str(previous / "sub")]),
+            "inside the source model folder")
+    assert not (previous / "sub").exists()
 
 
 # --- 2. read-only folders, found before the work --------------------------------------------------------

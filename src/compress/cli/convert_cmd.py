@@ -37,7 +37,7 @@ def convert(
     if source.resolve() == output.resolve():
         raise CompressError("--output must be a different folder than the checkpoint being converted")
     start = time.perf_counter()
-    with staging_dir(output, overwrite) as staging:
+    with staging_dir(output, overwrite, source=source) as staging:  # never inside or around the source
         summary = convert_checkpoint(source, staging, to)
     summary.update({"output": str(output), "timings": {"total_s": time.perf_counter() - start}})
     if as_json:
