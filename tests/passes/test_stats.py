@@ -60,3 +60,21 @@ def test_empty_batch_wrong_width_and_free() -> None:
         _ = stats.hessian
     with pytest.raises(CompressError, match="freed"):
         stats.add_batch(torch.ones(1, 6))
+
+
+@pytest.mark.parametrize("in_features", [100, 600, 2050])
+def test_triangular_accumulation_is_the_full_hessian(in_features):
+    """Wide layers accumulate only the upper block rows; the Hessian read back must be the full 2/n XᵀX,
+    exactly symmetric, and stay right when more batches arrive after a read."""
+    torch.manual_seed(in_features)
+    stats = HessianStats(in_features)
+    batches = [torch.randn(2, 40, in_features) for _ in range(3)]
+    for batch in batches[:2]:
+        stats.add_batch(batch)
+    seen = torch.cat([b.reshape(-1, in_features) for b in batches[:2]]).double()
+    hessian = stats.hessian
+    torch.testing.assert_close(hessian.double(), 2 * seen.T @ seen / seen.shape[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(hessian, hessian.T)
+    stats.add_batch(batches[2])
+    seen = torch.cat([seen, batches[2].reshape(-1, in_features).double()])
+    torch.testing.assert_close(stats.hessian.double(), 2 * seen.T @ seen / seen.shape[0], rtol=1e-5, atol=1e-5)
