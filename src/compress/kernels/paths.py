@@ -93,10 +93,7 @@ class DensePath(KernelPath):
         return None
 
     def prepare(self, layer: QuantLinear) -> None:
-        from compress.kernels.reference import compute_dtype
-
-        probe = torch.empty(0, dtype=layer.weight_scale.dtype, device=device_of(layer))
-        layer.register_buffer("_dense_weight", layer.dequantized_weight(compute_dtype(probe)), persistent=False)
+        layer.register_buffer("_dense_weight", layer.reference_weight(layer.weight_scale.dtype), persistent=False)
 
     def forward(self, layer: QuantLinear, x: Tensor) -> Tensor:
         weight = layer._dense_weight
@@ -174,11 +171,8 @@ def pays_off(path: KernelPath, layer: QuantLinear, verdicts: dict[tuple, bool]) 
 
 
 def _time_against_dense(path: KernelPath, layer: QuantLinear) -> bool:
-    from compress.kernels.reference import compute_dtype
-
     device = device_of(layer)
-    probe = torch.empty(0, dtype=layer.weight_scale.dtype, device=device)
-    dense = layer.dequantized_weight(compute_dtype(probe))
+    dense = layer.reference_weight(layer.weight_scale.dtype)
     saved, before = layer.kernel, set(layer._buffers)
     pays = False
     try:

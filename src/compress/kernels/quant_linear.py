@@ -133,14 +133,18 @@ class QuantLinear(nn.Module):
         """The dense weight ``[out, in]`` a reader reconstructs."""
         return self.packed().dequantize(dtype)
 
+    def reference_weight(self, input_dtype: torch.dtype) -> Tensor:
+        """The dense weight in the dtype the reference op multiplies inputs of ``input_dtype`` in."""
+        probe = torch.empty(0, dtype=input_dtype, device=self.weight_packed.device)
+        return self.dequantized_weight(compute_dtype(probe))
+
     def hold_dense_weight(self, dtype: torch.dtype) -> None:
         """Keep the dequantized weight (in the reference path's compute dtype for inputs of ``dtype``) until
         ``drop_dense_weight``: the block sweep runs each freshly quantized layer on every calibration batch
         of the later groups and of the propagation, and unpacking the codes on each of those forwards was a
         quarter of GPTQ's time. The result is bit-identical to the reference op (same dequantize, same
         matmul); the cache is a plain attribute, never part of the state dict or the checkpoint."""
-        probe = torch.empty(0, dtype=dtype, device=self.weight_packed.device)
-        self._dense_cache = self.dequantized_weight(compute_dtype(probe))
+        self._dense_cache = self.reference_weight(dtype)
 
     def drop_dense_weight(self) -> None:
         self._dense_cache = None

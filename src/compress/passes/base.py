@@ -10,10 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 
+from compress.core.errors import CompressError
 from compress.core.registry import Registry
+from compress.core.targets import check_patterns
 
 
 class PassConfig(BaseModel):
@@ -24,6 +26,16 @@ class PassConfig(BaseModel):
     method: str
     ignore: list[str] = ["lm_head"]
     """Module name patterns left untouched (glob, or ``re:`` regex as in compressed-tensors)."""
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_compiles(cls, value: list[str]) -> list[str]:
+        """A ``re:`` pattern that does not compile is refused when the recipe is built (``--dry-run`` too),
+        for every method, structured ones included."""
+        try:
+            return check_patterns(value)
+        except CompressError as error:
+            raise ValueError(str(error)) from None
 
 
 class Stats(Protocol):

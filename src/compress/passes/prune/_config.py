@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from compress.core.errors import CompressError
 from compress.core.sparsity import SPARSITY_ATTR, NMPattern, check_sparsity, mask_for
-from compress.core.targets import check_pattern, check_patterns, matches
+from compress.core.targets import check_pattern, matches
 from compress.passes.base import PassConfig
 
 
@@ -62,14 +62,6 @@ class PruneConfig(PassConfig):
                 raise ValueError(f"{name} ({flag}) applies only when bits (--bits) quantizes the kept weights; "
                                  "give bits or drop it")
         return self
-
-    @field_validator("ignore")
-    @classmethod
-    def _ignore_compiles(cls, value: list[str]) -> list[str]:
-        try:
-            return check_patterns(value)
-        except CompressError as error:
-            raise ValueError(str(error)) from None
 
     @field_validator("pattern")
     @classmethod

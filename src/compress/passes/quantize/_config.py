@@ -9,9 +9,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from compress.core.errors import CompressError
 from compress.core.scheme import QuantScheme
-from compress.core.targets import check_patterns
 from compress.passes.base import PassConfig
 
 
@@ -23,15 +21,6 @@ class WeightQuantConfig(PassConfig):
     symmetric: bool = True
     observer: Literal["minmax", "mse"] = "minmax"
     """How group scales are chosen: full min/max range, or the clip ratio minimising the squared error."""
-
-    @field_validator("ignore")
-    @classmethod
-    def _ignore_compiles(cls, value: list[str]) -> list[str]:
-        """A ``re:`` pattern that does not compile is refused when the recipe is built (``--dry-run`` too)."""
-        try:
-            return check_patterns(value)
-        except CompressError as error:
-            raise ValueError(str(error)) from None
 
     @field_validator("group_size")
     @classmethod
