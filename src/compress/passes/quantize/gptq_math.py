@@ -33,7 +33,6 @@ from compress.core.primitives import dequantize, quantize
 from compress.core.scheme import QuantScheme
 from compress.passes._obs import (
     act_order_permutation,
-    fake_quant_column,
     group_columns_now,
     inverse_hessian_factor,
     prepare_hessian,
@@ -124,11 +123,16 @@ def gptq_quantize(
     u, damp_used = inverse_hessian_factor(h, damp, log=log)
     q_all = torch.zeros_like(w)
     losses = torch.zeros(out_f, dtype=torch.float32, device=w.device)
+    group_list = group_of.tolist()  # python ints: no device sync per column
+    column = _ColumnQuantizer(scheme)
+    if static:
+        column.set_all(scale, zp)
 
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
+        q1 = q_all[:, i1:i2]
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -138,19 +142,18 @@ def gptq_quantize(
                 if keep is not None:
                     current = current * keep[:, col:end]
                 s, z = choose_qparams(current, scheme, observer=observer, importance=importance[col:end])
-                g = int(group_of[col])
+                g = group_list[col]
                 scale[:, g], zp[:, g] = storable_scale(s[:, 0], scale_dtype), z[:, 0]
-            g = int(group_of[col])
+                column.set(g, scale[:, g], zp[:, g])
             wc = w1[:, i]
-            qc = fake_quant_column(wc, scale[:, g], zp[:, g], scheme)
+            qc = column(wc, group_list[col])
             if keep is not None:
-                qc = torch.where(keep[:, col], qc, torch.zeros_like(qc))
-            d = u1[i, i]
-            q_all[:, col] = qc
-            losses += (wc - qc).square() / d.square()
-            e = (wc - qc) / d
+                qc = qc.masked_fill_(~keep[:, col], 0.0)
+            q1[:, i] = qc
+            e = (wc - qc) / u1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err1[:, i] = e
+        losses += err1.square().sum(dim=1)  # (w - q)^2 / U_ii^2 summed over the block's columns
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
     g_idx = None
@@ -176,3 +179,32 @@ def gptq_quantize(
         damp_used=damp_used,
         actorder=actorder,
     )
+
+
+class _ColumnQuantizer:
+    """``fake_quant_column`` for the sweep's inner loop: the same float32 operations in the same order
+    (divide by the scale, add the zero point when asymmetric, clamp, round, subtract, multiply), so the
+    result is bit-identical, but with each group's scale and zero point prepared once instead of the
+    primitives' per-call checks and index tensors (the loop runs once per input column)."""
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        self.qmin, self.qmax = float(scheme.qmin), float(scheme.qmax)
+        self.symmetric = scheme.symmetric
+        self._groups: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def set(self, group: int, scale: Tensor, zero_point: Tensor) -> None:
+        self._groups[group] = (scale.float().clone(), zero_point.float().clone())
+
+    def set_all(self, scale: Tensor, zero_point: Tensor) -> None:
+        for group in range(scale.shape[1]):
+            self.set(group, scale[:, group], zero_point[:, group])
+
+    def __call__(self, w: Tensor, group: int) -> Tensor:
+        s, z = self._groups[group]
+        scaled = w.float() / s
+        if not self.symmetric:
+            scaled = scaled + z
+        q = torch.clamp(scaled, self.qmin, self.qmax).round()
+        if not self.symmetric:
+            q = q - z
+        return q * s
