@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compress.core.errors import CompressError
-from compress.core.scheme import QuantScheme
+from compress.core.scheme import QuantArgs, QuantScheme
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -92,18 +92,35 @@ def test_from_compressed_tensors_accepts_minus_one_and_inferred_strategy() -> No
     assert QuantScheme.from_compressed_tensors({"num_bits": 4, "group_size": 64}) == QuantScheme(4, 64)
 
 
+def test_float_weights_parse_as_typed_args() -> None:
+    """FP8 weights are a scheme now (whether a layout serves them is the codec's question)."""
+    scheme = QuantScheme.from_compressed_tensors({"num_bits": 8, "type": "float", "strategy": "channel"})
+    assert scheme.weights == QuantArgs(num_bits=8, type="float", strategy="channel")
+    assert (scheme.tag, scheme.is_int) == ("wfp8", False)
+
+
 @pytest.mark.parametrize(
     ("d", "needle"),
     [
-        ({"num_bits": 8, "type": "float", "strategy": "channel"}, "type"),
+        ({"num_bits": 4, "type": "float", "strategy": "channel"}, "float bit width 4"),
         ({"num_bits": 5, "strategy": "group", "group_size": 128}, "bit width 5"),
         ({"num_bits": 4, "strategy": "group", "group_size": None}, "positive group size"),
-        ({"num_bits": 4, "strategy": "tensor"}, "strategy"),
+        ({"num_bits": 4, "strategy": "attn_head"}, "strategy"),
         ({"num_bits": 4, "strategy": "channel", "group_size": 128}, "channel"),
         ({"num_bits": 4, "strategy": "group", "group_size": 128, "dynamic": True}, "dynamic"),
         ({"num_bits": 4, "strategy": "block", "block_structure": [128, 128]}, "block"),
+        ({"num_bits": 8, "strategy": "token"}, "dynamic"),
+        ({"num_bits": 8, "type": "nf4"}, "type"),
     ],
 )
 def test_from_compressed_tensors_rejects(d: dict, needle: str) -> None:
-    with pytest.raises(CompressError, match=needle):
+    with pytest.raises(CompressError, match=needle) as exc:
         QuantScheme.from_compressed_tensors(d)
+    assert "\n" not in str(exc.value)
+
+
+def test_per_tensor_int_has_no_group_size() -> None:
+    """The integer group math must not mistake per-tensor scales for per-channel ones."""
+    scheme = QuantScheme.from_compressed_tensors({"num_bits": 4, "strategy": "tensor"})
+    with pytest.raises(CompressError, match="strategy tensor has no group size"):
+        _ = scheme.group_size

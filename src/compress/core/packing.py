@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from torch import Tensor
 from compress.core.errors import CompressError
 from compress.core.primitives import compute_qparams, dequantize, quantize
 from compress.core.scheme import QuantScheme
+from compress.core.storage import WeightStorage
 
 _MASK32 = 0xFFFFFFFF
 
@@ -96,12 +98,35 @@ def unpack_zero_point(packed: Tensor, bits: int, out_features: int) -> Tensor:
     return unpack_codes(packed.t().contiguous(), bits, out_features).t().to(torch.int32).contiguous()
 
 
+def unpackable(scheme: QuantScheme) -> str | None:
+    """Why the pack-quantized layout cannot hold weights of ``scheme`` (None when it can): integer codes of
+    2/3/4/8 bits with one scale per group or per output channel, no activation quantization."""
+    w = scheme.weights
+    if w is None:
+        return "it stores quantized weights and this scheme has none"
+    if w.type != "int":
+        return f"it stores integer codes, not {w.type} ones"
+    if w.strategy not in ("group", "channel"):
+        return f"it stores one scale per group or per output channel, not per {w.strategy}"
+    if scheme.input_activations is not None:
+        return "it is weight-only and no kernel here quantizes input activations"
+    return None
+
+
+def check_packable(scheme: QuantScheme) -> None:
+    """``validate`` plus ``unpackable`` as one CompressError sentence."""
+    scheme.validate()
+    reason = unpackable(scheme)
+    if reason is not None:
+        raise CompressError(f"scheme {scheme.tag} cannot be stored as pack-quantized: {reason}")
+
+
 def _fail(prefix: str, name: str, detail: str) -> CompressError:
     return CompressError(f"tensor {prefix}.{name} {detail}")
 
 
 @dataclass
-class PackedWeight:
+class PackedWeight(WeightStorage):
     """The checkpoint tensors of one quantized Linear, plus the scheme that gives them meaning."""
 
     weight_packed: Tensor
@@ -111,6 +136,10 @@ class PackedWeight:
     weight_shape: Tensor
     scheme: QuantScheme
 
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
+        "weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+    PERSISTENT: ClassVar[frozenset[str]] = frozenset(TENSOR_FIELDS)
+
     @property
     def out_features(self) -> int:
         return int(self.weight_shape[0])
@@ -119,15 +148,32 @@ class PackedWeight:
     def in_features(self) -> int:
         return int(self.weight_shape[1])
 
-    def tensors(self, prefix: str) -> dict[str, Tensor]:
-        """Checkpoint entries under ``prefix`` (only the tensors that exist for this scheme)."""
-        names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
-        return {f"{prefix}.{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
+    @property
+    def scale(self) -> Tensor:
+        return self.weight_scale
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, scheme: QuantScheme, *, scale_dtype: torch.dtype,
+              has_g_idx: bool = False, device: torch.device | str | None = None) -> PackedWeight:
+        """Zeroed buffers of the checkpoint shapes (scales 1, g_idx the trivial order)."""
+        check_packable(scheme)
+        n_groups = scheme.n_groups(in_features)
+        int32 = dict(dtype=torch.int32, device=device)
+        return cls(
+            weight_packed=torch.zeros(out_features, packed_size(in_features, scheme.bits), **int32),
+            weight_scale=torch.ones(out_features, n_groups, dtype=scale_dtype, device=device),
+            weight_zero_point=None if scheme.symmetric else torch.zeros(
+                packed_size(out_features, scheme.bits), n_groups, **int32),
+            weight_g_idx=torch.arange(in_features, **int32) // scheme.effective_group_size(in_features)
+            if has_g_idx else None,
+            weight_shape=torch.tensor([out_features, in_features], dtype=torch.int64, device=device),
+            scheme=scheme,
+        )
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: Mapping[str, Tensor], scheme: QuantScheme) -> PackedWeight:
         """Read and validate a layer's tensors; CompressError naming the first tensor that is wrong."""
-        scheme.validate()
+        check_packable(scheme)
 
         def get(name: str, required: bool) -> Tensor | None:
             t = tensors.get(f"{prefix}.{name}")
@@ -220,7 +266,7 @@ def pack_weight(
     who only sees the stored scale, would have produced; a scale that underflows to 0 in the storage
     dtype is replaced by that dtype's smallest normal number to keep dequantization finite.
     """
-    scheme.validate()
+    check_packable(scheme)
     if w.ndim != 2:
         raise CompressError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out_f, in_f = w.shape

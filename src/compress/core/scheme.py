@@ -1,51 +1,98 @@
-"""Quantization schemes: what a quantized weight means, independent of how it was computed.
+"""Quantization schemes: what a quantized layer means, independent of how it was computed or stored.
 
-A ``QuantScheme`` is the single description that the passes, the packer, the kernels and the exporter
-agree on. It maps one-to-one onto the ``weights`` block of a compressed-tensors ``config_groups`` entry
-(FORMATS.md), so the exporter never has to translate and a checkpoint we wrote can be read back into
-the same scheme.
+A ``QuantScheme`` is a compressed-tensors config group without its targets: ``weights`` and
+``input_activations`` args (``core/qargs.py``), each optional. It is the single description the passes,
+the codecs, the kernels and the exporter agree on, and it reads from / writes to the config-group dict
+unchanged (``from_config_group`` / ``to_config_group``), so a checkpoint we wrote reads back into the
+same scheme. Which storage layout holds the tensors is a codec's business (``compress.codecs``), not the
+scheme's: the same W8 scheme can be ``pack-quantized`` or ``naive-quantized``.
+
+``QuantScheme(bits, group_size, symmetric)`` keeps meaning integer weight-only quantization (W4A16 etc.),
+the form every pass produces today; the int properties (``bits``, ``group_size``, ``qmin``, ...) read the
+weight args so the integer math (``core/primitives.py``) takes a scheme as before.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from compress.core.errors import CompressError
+from compress.core.qargs import ACTORDERS, SUPPORTED_BITS, QuantArgs
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-_ACTORDERS = (None, "group", "weight", "static", "dynamic")
+__all__ = ["SUPPORTED_BITS", "QuantArgs", "QuantScheme"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class QuantScheme:
-    """Integer weight quantization in the signed code space of compressed-tensors.
+    """``weights`` and ``input_activations`` quantization of a layer (either may be None).
 
-    ``group_size == -1`` means one scale per output channel (compressed-tensors strategy "channel");
-    a positive value means one scale per ``group_size`` consecutive input columns (strategy "group").
-    Validation is explicit (``validate``) rather than in ``__post_init__`` so a recipe can build a
-    scheme from user input and report the problem in its own words.
+    Validation is explicit (``validate``) rather than in the constructor so a recipe can build a scheme
+    from user input and report the problem in its own words.
     """
 
-    bits: int
-    group_size: int
-    symmetric: bool = True
+    weights: QuantArgs | None
+    input_activations: QuantArgs | None
+
+    def __init__(self, bits: int | None = None, group_size: int | None = None, symmetric: bool = True, *,
+                 weights: QuantArgs | None = None, input_activations: QuantArgs | None = None) -> None:
+        if bits is not None or group_size is not None:
+            if weights is not None:
+                raise TypeError("give either bits/group_size or weights, not both")
+            if bits is None or group_size is None:
+                raise TypeError("QuantScheme(bits, group_size) needs both")
+            weights = QuantArgs.int_weights(bits, group_size, symmetric)
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "input_activations", input_activations)
 
     def validate(self) -> None:
-        """Raise CompressError (one sentence) for a bit width or group size we cannot store."""
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
-            raise CompressError(
-                f"unsupported bit width {self.bits!r}; supported widths are {', '.join(map(str, SUPPORTED_BITS))}"
-            )
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise CompressError(f"group size must be an integer, got {self.group_size!r}")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise CompressError(
-                f"unsupported group size {self.group_size}; use -1 (per output channel) or a positive integer"
-            )
-        if not isinstance(self.symmetric, bool):
-            raise CompressError(f"symmetric must be true or false, got {self.symmetric!r}")
+        """Raise CompressError (one sentence) for a scheme we cannot represent."""
+        if self.weights is None and self.input_activations is None:
+            raise CompressError("a quantization scheme needs weights or input_activations")
+        if self.weights is not None:
+            self.weights.validate("weight")
+            if self.weights.dynamic:
+                raise CompressError("dynamic weight quantization is not supported")
+            if self.weights.strategy == "token":
+                raise CompressError("weights cannot be quantized per token")
+        if self.input_activations is not None:
+            self.input_activations.validate("input activation")
+            if self.input_activations.actorder is not None:
+                raise CompressError("activation ordering applies to weights, not to input activations")
+
+    # ---- the weight args, as the integer math reads them ------------------------------------------------
+    @property
+    def w(self) -> QuantArgs:
+        """The weight args; CompressError for an activation-only scheme."""
+        if self.weights is None:
+            raise CompressError("this quantization scheme has no weights")
+        return self.weights
+
+    @property
+    def bits(self) -> int:
+        return self.w.num_bits
+
+    @property
+    def symmetric(self) -> bool:
+        return self.w.symmetric
+
+    @property
+    def is_int(self) -> bool:
+        return self.w.type == "int"
+
+    @property
+    def group_size(self) -> int:
+        """Positive columns per scale, or -1 per output channel (our historic spelling).
+
+        Per-tensor and per-token scales have no such number: the integer group math refuses them here,
+        in one sentence, instead of treating them as per-channel."""
+        w = self.w
+        if w.strategy == "group":
+            return w.group_size  # type: ignore[return-value]
+        if w.strategy == "channel":
+            return -1
+        raise CompressError(f"weight strategy {w.strategy} has no group size (only group or channel do)")
 
     @property
     def per_channel(self) -> bool:
@@ -64,7 +111,7 @@ class QuantScheme:
 
     def check_layer(self, name: str, in_features: int) -> None:
         """Refuse a layer whose input width is not a whole number of groups (readers reshape by group)."""
-        if not self.per_channel and in_features % self.group_size != 0:
+        if self.weights is not None and self.weights.strategy == "group" and in_features % self.group_size:
             raise CompressError(
                 f"layer {name} has {in_features} input features, not divisible by group size {self.group_size}"
             )
@@ -72,70 +119,67 @@ class QuantScheme:
     @property
     def qmin(self) -> int:
         """Smallest signed code: -2^(b-1)."""
-        return -(1 << (self.bits - 1))
+        return self.w.qmin
 
     @property
     def qmax(self) -> int:
         """Largest signed code: 2^(b-1) - 1."""
-        return (1 << (self.bits - 1)) - 1
+        return self.w.qmax
 
     @property
     def tag(self) -> str:
-        """Short name used in output folder names: ``w4g128``, ``w8`` (per-channel), ``w4g128a`` (asym)."""
-        group = "" if self.per_channel else f"g{self.group_size}"
-        return f"w{self.bits}{group}{'' if self.symmetric else 'a'}"
+        """Short name used in output folder names and reports: ``w4g128``, ``w8`` (per-channel), ``w4g128a``
+        (asymmetric), ``wfp8`` (FP8 per channel), ``w8a8d`` (dynamic 8-bit input activations)."""
+        parts = []
+        if self.weights is not None:
+            parts.append(f"w{self.weights.tag}")
+        if self.input_activations is not None:
+            parts.append(f"a{self.input_activations.tag}")
+        return "".join(parts)
+
+    # ---- compressed-tensors round trip ------------------------------------------------------------------
+    def to_config_group(self, targets: list[str], *, actorder: str | None = None, observer: str | None = None,
+                        format: str | None = None) -> dict[str, Any]:
+        """A compressed-tensors config group. ``actorder`` / ``observer`` (how the weight scales were chosen)
+        override the weight args' own; ``format`` is written only for a group of a mixed-format model."""
+        group: dict[str, Any] = {
+            "targets": list(targets),
+            "weights": None if self.weights is None else self._weights_with(actorder, observer).to_dict(),
+            "input_activations": None if self.input_activations is None else self.input_activations.to_dict(),
+            "output_activations": None,
+        }
+        if format is not None:
+            group["format"] = format
+        return group
+
+    @classmethod
+    def from_config_group(cls, group: Any) -> QuantScheme:
+        """The scheme of a config group (its ``targets`` and ``format`` are the caller's business)."""
+        if not isinstance(group, dict):
+            raise CompressError(f"a quantization config group must be a mapping, got {type(group).__name__}")
+        if group.get("output_activations") is not None:
+            raise CompressError("output activation quantization is not supported")
+        weights, inputs = group.get("weights"), group.get("input_activations")
+        scheme = cls(weights=None if weights is None else QuantArgs.from_dict(weights, "weight"),
+                     input_activations=None if inputs is None else QuantArgs.from_dict(inputs, "input activation"))
+        scheme.validate()
+        return scheme
 
     def to_compressed_tensors(self, actorder: str | None = None, observer: str = "minmax") -> dict[str, Any]:
-        """The ``weights`` dict of a compressed-tensors config group (FORMATS.md).
-
-        Per-channel is written as strategy "channel" with ``group_size: null`` (what llm-compressor's
-        W8A16 preset writes); the installed compressed-tensors also accepts -1 but older readers do not.
-        """
-        if actorder not in _ACTORDERS:
-            raise CompressError(f"unsupported activation ordering {actorder!r}; use group, weight or none")
-        return {
-            "num_bits": self.bits,
-            "type": "int",
-            "symmetric": self.symmetric,
-            "strategy": "channel" if self.per_channel else "group",
-            "group_size": None if self.per_channel else self.group_size,
-            "dynamic": False,
-            "actorder": actorder,
-            "observer": observer,
-            "observer_kwargs": {},
-            "block_structure": None,
-        }
+        """The ``weights`` dict of a compressed-tensors config group (FORMATS.md)."""
+        return self._weights_with(actorder, observer).to_dict()
 
     @classmethod
     def from_compressed_tensors(cls, d: dict[str, Any]) -> QuantScheme:
-        """Read the ``weights`` dict of a config group back; CompressError for anything we cannot serve."""
-        if not isinstance(d, dict):
-            raise CompressError(f"quantization weights config must be a mapping, got {type(d).__name__}")
-        qtype = str(d.get("type", "int")).lower()
-        if qtype != "int":
-            raise CompressError(f"unsupported weight quantization type {qtype!r}; only int is supported")
-        if d.get("dynamic", False):
-            raise CompressError("dynamic weight quantization is not supported")
-        if d.get("block_structure") is not None:
-            raise CompressError("block-wise weight quantization is not supported")
-        bits = d.get("num_bits", 8)
-        group_size = d.get("group_size")
-        strategy = d.get("strategy")
-        strategy = str(strategy).lower() if strategy is not None else None
-        if strategy is None:
-            strategy = "channel" if group_size in (None, -1) else "group"
-        if strategy == "channel":
-            if group_size not in (None, -1):
-                raise CompressError(f"strategy channel does not take group size {group_size}")
-            group_size = -1
-        elif strategy == "group":
-            if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-                raise CompressError(f"strategy group needs a positive group size, got {group_size!r}")
-        else:
-            raise CompressError(
-                f"unsupported weight quantization strategy {strategy!r}; use group or channel"
-            )
-        symmetric = d.get("symmetric", True)
-        scheme = cls(bits=bits, group_size=group_size, symmetric=symmetric)
+        """A weight-only scheme from the ``weights`` dict of a config group; CompressError for what we cannot
+        represent (whether a codec serves it is checked where the layer is read)."""
+        scheme = cls(weights=QuantArgs.from_dict(d, "weight"))
         scheme.validate()
         return scheme
+
+    def _weights_with(self, actorder: str | None, observer: str | None) -> QuantArgs:
+        if actorder not in ACTORDERS:
+            raise CompressError(f"unsupported activation ordering {actorder!r}; use group, weight or none")
+        w = self.w
+        return replace(w, actorder=actorder if actorder is not None else w.actorder,
+                       observer=observer if observer is not None else w.observer)
