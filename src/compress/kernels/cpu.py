@@ -80,8 +80,10 @@ class CpuPath(KernelPath):
     """int4 via ``_weight_int4pack_mm_for_cpu``, symmetric per-channel int8 via ``_weight_int8pack_mm``."""
 
     name = "cpu"
+    formats = ("pack-quantized",)
+    devices = ("cpu",)
 
-    def unsupported(self, layer: QuantLinear) -> str | None:
+    def check(self, layer: QuantLinear) -> str | None:
         s = layer.scheme
         device = layer.weight_packed.device
         if device.type != "cpu":
@@ -107,7 +109,7 @@ class CpuPath(KernelPath):
         return f"there is no CPU kernel for {s.bits}-bit weights"
 
     def prepare(self, layer: QuantLinear) -> None:
-        codes, scale, zp = layer.packed().unpack()  # signed int8 [N, K], fp32 [N, G], int32 [N, G]
+        codes, scale, zp = layer.packed().unpack()  # the typed storage: signed int8 [N, K], fp32 / int32 [N, G]
         if layer.scheme.bits == 8:
             layer.register_buffer("_cpu_w8", codes.contiguous(), persistent=False)
             layer.register_buffer("_cpu_s8", scale[:, 0].to(COMPUTE_DTYPE).contiguous(), persistent=False)

@@ -1,9 +1,11 @@
-"""``compress::dequant_matmul``: one torch.library op, many device implementations.
+"""``compress::dequant_matmul``: one torch.library op, many device implementations, and the typed entry.
 
-The op is declared once here with the reference implementation as the default for every device and a
-fake (meta) implementation so ``torch.compile`` can trace through it. Faster paths register
-themselves for their device (``dequant_matmul_op.register_kernel("cpu")`` / ``"cuda"``), so callers
-such as ``QuantLinear`` never branch on the device.
+Callers hand over a layer's typed storage (``dequant_matmul(x, storage, bias)``): the storage carries its
+scheme, so nothing is re-derived per call. Underneath, a pack-quantized storage goes through the
+low-level op ``compress::dequant_matmul`` (declared once here, tensors and scalars only, as torch.library
+requires; the reference as the default for every device and a fake so ``torch.compile`` traces through
+it without graph breaks). Other layouts (int8/FP8 codes, ``core/unpacked.py``) dequantize with plain
+elementwise torch, which compiles as is.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 from torch import Tensor
 
 from compress.core.packing import PackedWeight
-from compress.kernels.reference import dequant_matmul_reference
+from compress.core.storage import WeightStorage
+from compress.kernels.reference import dequant_matmul_reference, reference_matmul
 
 
 @torch.library.custom_op("compress::dequant_matmul", mutates_args=())
@@ -62,8 +65,9 @@ def _dequant_matmul_fake(
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def dequant_matmul(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
-    """``x @ W^T + bias`` for a packed weight, dispatched to the best implementation for ``x.device``."""
+def packed_matmul(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
+    """The low-level op for a pack-quantized storage. Sizes come from static shapes (rows of the codes,
+    width of ``x``), never from the ``weight_shape`` values, so a compiled graph has no data-dependent ints."""
     s = packed.scheme
     return dequant_matmul_op(
         x,
@@ -74,7 +78,14 @@ def dequant_matmul(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) 
         s.bits,
         s.group_size,
         s.symmetric,
-        packed.out_features,
-        packed.in_features,
+        packed.weight_packed.shape[0],
+        x.shape[-1],
         bias,
     )
+
+
+def dequant_matmul(x: Tensor, storage: WeightStorage, bias: Tensor | None = None) -> Tensor:
+    """``x @ W^T + bias`` for any quantized storage, by the reference (dispatched per device for packed)."""
+    if isinstance(storage, PackedWeight):
+        return packed_matmul(x, storage, bias)
+    return reference_matmul(x, storage, bias)

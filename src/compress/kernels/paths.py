@@ -1,9 +1,12 @@
 """Forward paths for ``QuantLinear`` and how one is chosen per layer.
 
-A path turns a layer's checkpoint buffers into a fast forward: it may ``prepare`` device-specific
+A path serves some storage layouts (``formats``: the codec names, e.g. ``pack-quantized``) on some device
+types (``devices``), registered once (``register_path``) and looked up per (codec, device) of each layer.
+It turns a layer's checkpoint buffers (its typed storage, ``QuantLinear.storage()``) into a fast forward: it may ``prepare`` device-specific
 buffers once at load (e.g. repack int4 codes into the layout of an aten kernel, kept as non-persistent
 buffers so ``state_dict()`` stays the checkpoint), then ``forward`` uses them. The reference path
-(dequantize, then matmul; ``compress::dequant_matmul``) serves every layer and is the oracle in tests.
+(dequantize, then matmul; ``compress::dequant_matmul`` for packed codes) serves every layer of every
+layout and is the oracle in tests.
 
 Selection: ``kernel="auto"`` (or ``COMPRESS_KERNEL=auto``) never makes a layer slower than its dense
 original. Per layer it takes the first path in ``AUTO_ORDER`` that supports the layer on its device and
@@ -35,13 +38,27 @@ ENV_VAR = "COMPRESS_KERNEL"
 
 
 class KernelPath(ABC):
-    """One way to compute ``x @ W^T + b`` from a layer's packed weights."""
+    """One way to compute ``x @ W^T + b`` from a layer's quantized storage."""
 
     name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...] | None] = None
+    """The storage layouts (codec names) this path computes from; None: every layout."""
+    devices: ClassVar[tuple[str, ...] | None] = None
+    """The device types it runs on; None: any (a path may refine this in ``check``)."""
 
-    @abstractmethod
+    def serves(self, fmt: str, device_type: str) -> bool:
+        """Registered for this (codec, device) pair."""
+        return (self.formats is None or fmt in self.formats) and (self.devices is None or device_type in self.devices)
+
     def unsupported(self, layer: QuantLinear) -> str | None:
         """Why this path cannot serve ``layer`` on the device its buffers are on, or None if it can."""
+        if self.formats is not None and layer.format not in self.formats:
+            return f"the {self.name} kernels read {' or '.join(self.formats)} layers and this one is {layer.format}"
+        return self.check(layer)
+
+    @abstractmethod
+    def check(self, layer: QuantLinear) -> str | None:
+        """The path's own conditions on a layer of a layout it reads (device, bits, shapes, dtypes)."""
 
     def prepare(self, layer: QuantLinear) -> None:  # noqa: B027 (optional)
         """Build whatever the forward needs (non-persistent buffers on the layer); called once."""
@@ -63,20 +80,17 @@ def register_path(path: KernelPath, *, auto_priority: int | None = None) -> Kern
 
 
 class ReferencePath(KernelPath):
-    """Dequantize, then matmul, through the ``compress::dequant_matmul`` op."""
+    """Dequantize, then matmul (``ops.dequant_matmul``: the ``compress::dequant_matmul`` op for packed codes)."""
 
     name = "reference"
 
-    def unsupported(self, layer: QuantLinear) -> str | None:
+    def check(self, layer: QuantLinear) -> str | None:
         return None
 
     def forward(self, layer: QuantLinear, x: Tensor) -> Tensor:
-        from compress.kernels.ops import dequant_matmul_op
+        from compress.kernels.ops import dequant_matmul
 
-        s = layer.scheme
-        return dequant_matmul_op(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point,
-                                 layer.weight_g_idx, s.bits, s.group_size, s.symmetric, layer.out_features,
-                                 layer.in_features, layer.bias)
+        return dequant_matmul(x, layer.storage(), layer.bias)
 
 
 REFERENCE = ReferencePath()
@@ -89,7 +103,7 @@ class DensePath(KernelPath):
 
     name = "dense"
 
-    def unsupported(self, layer: QuantLinear) -> str | None:
+    def check(self, layer: QuantLinear) -> str | None:
         return None
 
     def prepare(self, layer: QuantLinear) -> None:
@@ -149,9 +163,10 @@ def _pick(layer: QuantLinear, choice: str, name: str, verdicts: dict[tuple, bool
         if reason is not None:
             raise CompressError(f"kernel {choice} cannot run layer {name}: {reason}")
         return path
+    device_type = device_of(layer).type
     for candidate in AUTO_ORDER:
         path = KERNELS.get(candidate)
-        if path.unsupported(layer) is None:
+        if path.serves(layer.format, device_type) and path.unsupported(layer) is None:
             return path if pays_off(path, layer, {} if verdicts is None else verdicts) else DENSE
     return DENSE
 
@@ -162,8 +177,8 @@ PREFILL_ROWS = 64
 
 def pays_off(path: KernelPath, layer: QuantLinear, verdicts: dict[tuple, bool]) -> bool:
     """Whether ``path`` runs ``layer`` at least as fast as a dense matmul, for a decode row and a prefill block
-    (best of a few calls each, after a warm-up). Decided once per (path, shape, scheme, dtype, device)."""
-    key = (path.name, layer.out_features, layer.in_features, layer.scheme, layer.weight_scale.dtype,
+    (best of a few calls each, after a warm-up). Decided once per (path, shape, layout, scheme, dtype, device)."""
+    key = (path.name, layer.out_features, layer.in_features, layer.format, layer.scheme, layer.weight_scale.dtype,
            device_of(layer))
     if key not in verdicts:
         verdicts[key] = _time_against_dense(path, layer)
@@ -209,4 +224,5 @@ def _best_time(call, device: torch.device, repeats: int = 5) -> float:
 
 
 def device_of(layer: nn.Module) -> torch.device:
-    return layer.weight_packed.device
+    """Where a layer's quantized tensors are (every layout has a ``weight_scale``)."""
+    return layer.weight_scale.device

@@ -1,9 +1,13 @@
-"""QuantLinear: an ``nn.Linear`` replacement whose ``state_dict()`` IS the compressed-tensors checkpoint.
+"""QuantLinear: an ``nn.Linear`` replacement whose ``state_dict()`` IS the checkpoint layer.
 
-Buffers carry the checkpoint names (``weight_packed``, ``weight_scale``, ``weight_zero_point`` only when
-asymmetric, ``weight_g_idx`` only with activation ordering, ``weight_shape``) so exporting is
+The module holds one typed storage (``core/storage.py``: ``PackedWeight`` for pack-quantized,
+``UnpackedWeight`` for int8/FP8 codes) as buffers named like its fields, which are the checkpoint names
+(``weight_packed``, ``weight_scale``, ``weight_zero_point`` only when asymmetric, ``weight_g_idx`` only
+with activation ordering, ``weight_shape``; or ``weight``, ``weight_scale``, ...). So exporting is
 ``model.state_dict()`` and loading is ``load_state_dict`` into modules built with ``__init__``.
-The forward goes through ``compress::dequant_matmul`` and never branches on the device.
+``storage()`` hands the same tensors back as the typed object the kernels compute from (no copy, no
+scheme rebuilt); ``format`` names the codec that wrote them (``compress.codecs``). The forward goes
+through the layer's kernel path (``kernels/paths.py``) and never branches on the device.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress.core.errors import CompressError
-from compress.core.packing import PackedWeight, pack_weight, packed_size, scale_dtype_for
+from compress.core.packing import PackedWeight, pack_weight, scale_dtype_for
 from compress.core.scheme import QuantScheme
-from compress.kernels.ops import dequant_matmul_op
+from compress.core.storage import WeightStorage
+from compress.kernels.ops import dequant_matmul
 from compress.kernels.reference import compute_dtype
+
+PACKED_FORMAT = "pack-quantized"
 
 
 class QuantLinear(nn.Module):
-    """A Linear layer stored as packed integer codes plus per-group scales."""
+    """A Linear layer stored as quantized codes plus scales, in one codec's layout."""
 
-    weight_packed: Tensor
     weight_scale: Tensor
     weight_shape: Tensor
 
@@ -36,38 +42,28 @@ class QuantLinear(nn.Module):
         has_g_idx: bool = False,
         scale_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        layout: type[WeightStorage] = PackedWeight,
+        format: str = PACKED_FORMAT,
     ) -> None:
         """Allocate zeroed buffers of the checkpoint shapes, ready for ``load_state_dict``."""
         super().__init__()
         scheme.validate()
-        self.kernel = None  # a compress.kernels.paths.KernelPath chosen at load; None = the reference op
+        self.kernel = None  # a compress.kernels.paths.KernelPath chosen at load; None = the reference path
         self._dense_cache: Tensor | None = None  # see hold_dense_weight
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
-        n_groups = scheme.n_groups(in_features)
-        int32 = dict(dtype=torch.int32, device=device)
-        self.register_buffer(
-            "weight_packed", torch.zeros(out_features, packed_size(in_features, scheme.bits), **int32)
-        )
-        self.register_buffer(
-            "weight_scale", torch.ones(out_features, n_groups, dtype=scale_dtype, device=device)
-        )
-        if not scheme.symmetric:
-            self.register_buffer(
-                "weight_zero_point", torch.zeros(packed_size(out_features, scheme.bits), n_groups, **int32)
-            )
-        else:
-            self.weight_zero_point = None
-        if has_g_idx:
-            self.register_buffer(
-                "weight_g_idx", torch.arange(in_features, **int32) // scheme.effective_group_size(in_features)
-            )
-        else:
-            self.weight_g_idx = None
-        self.register_buffer(
-            "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
-        )
+        self.layout = layout
+        self.format = format
+        empty = layout.empty(out_features, in_features, scheme, scale_dtype=scale_dtype, has_g_idx=has_g_idx,
+                             device=device)
+        self._fields = layout.TENSOR_FIELDS
+        for name in self._fields:
+            tensor = getattr(empty, name)
+            if tensor is None:
+                setattr(self, name, None)
+            else:
+                self.register_buffer(name, tensor, persistent=name in layout.PERSISTENT)
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device)) if bias else None
         )
@@ -83,7 +79,8 @@ class QuantLinear(nn.Module):
         g_idx: Tensor | None = None,
         scale_dtype: torch.dtype | None = None,
     ) -> QuantLinear:
-        """Quantize a Linear (min-max qparams unless given) into a QuantLinear.
+        """Quantize a Linear (min-max qparams unless given) into a pack-quantized QuantLinear (other layouts:
+        ``compress.codecs.quantize_linear``).
 
         ``scale_dtype`` defaults to the Linear's own dtype: compressed-tensors keeps scales in the dtype
         they were observed in (the model dtype) and transformers/vLLM readers load them as model-dtype
@@ -101,41 +98,48 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias: Tensor | None) -> QuantLinear:
-        """Wrap existing checkpoint tensors (no copy of the integer data beyond ``copy_``)."""
+        """Wrap pack-quantized checkpoint tensors (no copy of the integer data beyond ``copy_``)."""
+        return cls.from_storage(packed, bias)
+
+    @classmethod
+    def from_storage(cls, storage: WeightStorage, bias: Tensor | None, format: str = PACKED_FORMAT) -> QuantLinear:
+        """A module holding copies of ``storage``'s tensors; ``format`` names the codec that wrote them."""
         module = cls(
-            packed.in_features,
-            packed.out_features,
-            packed.scheme,
+            storage.in_features,
+            storage.out_features,
+            storage.scheme,
             bias=bias is not None,
-            has_g_idx=packed.weight_g_idx is not None,
-            scale_dtype=packed.weight_scale.dtype,
-            device=packed.weight_packed.device,
+            has_g_idx=getattr(storage, "weight_g_idx", None) is not None,
+            scale_dtype=storage.scale_dtype,
+            device=storage.device,
+            layout=type(storage),
+            format=format,
         )
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         with torch.no_grad():
-            for name, t in packed.tensors("m").items():
-                getattr(module, name.split(".", 1)[1]).copy_(t)
+            for name, t in storage.named_tensors().items():
+                getattr(module, name).copy_(t)
         return module
 
+    def storage(self) -> WeightStorage:
+        """The checkpoint tensors as the layout's typed storage (shares the buffers; built, not validated)."""
+        return self.layout(scheme=self.scheme, **{n: getattr(self, n) for n in self._fields})
+
     def packed(self) -> PackedWeight:
-        """The checkpoint tensors as a PackedWeight (shares storage with the buffers)."""
-        return PackedWeight(
-            self.weight_packed,
-            self.weight_scale,
-            self.weight_zero_point,
-            self.weight_g_idx,
-            self.weight_shape,
-            self.scheme,
-        )
+        """The pack-quantized storage; CompressError for a layer in another layout."""
+        storage = self.storage()
+        if not isinstance(storage, PackedWeight):
+            raise CompressError(f"layer stored as {self.format} has no pack-quantized tensors")
+        return storage
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight ``[out, in]`` a reader reconstructs."""
-        return self.packed().dequantize(dtype)
+        return self.storage().dequantize(dtype)
 
     def reference_weight(self, input_dtype: torch.dtype) -> Tensor:
         """The dense weight in the dtype the reference op multiplies inputs of ``input_dtype`` in."""
-        probe = torch.empty(0, dtype=input_dtype, device=self.weight_packed.device)
+        probe = torch.empty(0, dtype=input_dtype, device=self.weight_scale.device)
         return self.dequantized_weight(compute_dtype(probe))
 
     def hold_dense_weight(self, dtype: torch.dtype) -> None:
@@ -149,6 +153,17 @@ class QuantLinear(nn.Module):
     def drop_dense_weight(self) -> None:
         self._dense_cache = None
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the codes; a dtype cast (``.half()``, ``.to(bfloat16)``) must not touch them:
+        FP8 codes are floating point to torch but are data, not activations. Only the bias follows."""
+        codes = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float8_e4m3fn}
+        result = super()._apply(fn, recurse)
+        for name, before in codes.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return result
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise CompressError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
@@ -159,23 +174,10 @@ class QuantLinear(nn.Module):
             return F.linear(x.to(cached.dtype), cached, bias).to(x.dtype)
         if self.kernel is not None:
             return self.kernel.forward(self, x)
-        s = self.scheme
-        return dequant_matmul_op(
-            x,
-            self.weight_packed,
-            self.weight_scale,
-            self.weight_zero_point,
-            self.weight_g_idx,
-            s.bits,
-            s.group_size,
-            s.symmetric,
-            self.out_features,
-            self.in_features,
-            self.bias,
-        )
+        return dequant_matmul(x, self.storage(), self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.tag}, "
-            f"bias={self.bias is not None}"
+            f"format={self.format}, bias={self.bias is not None}"
         )

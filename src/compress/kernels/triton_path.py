@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from compress.core.errors import CompressError
-from compress.core.packing import SCALE_DTYPES
+from compress.core.packing import SCALE_DTYPES, PackedWeight
 from compress.kernels import triton_gemm  # raises ImportError without triton: the path is then skipped
 from compress.kernels.paths import KernelPath, register_path
 
@@ -38,8 +38,10 @@ class TritonPath(KernelPath):
     """Fused dequantize-matmul kernels: GEMV for M <= 4 rows (decode), tiled GEMM otherwise (prefill)."""
 
     name = "triton"
+    formats = ("pack-quantized",)
+    devices = ("cuda", "cpu")  # cpu only under TRITON_INTERPRET=1 (tests); ``check`` says so
 
-    def unsupported(self, layer: QuantLinear) -> str | None:
+    def check(self, layer: QuantLinear) -> str | None:
         device = layer.weight_packed.device
         if device.type != "cuda" and not (device.type == "cpu" and interpreting() and triton_gemm.INTERPRETED):
             return f"the triton kernels run on CUDA tensors, this layer is on {device.type}"
@@ -63,22 +65,19 @@ class TritonPath(KernelPath):
         return None
 
     def forward(self, layer: QuantLinear, x: Tensor) -> Tensor:
-        s = layer.scheme
         try:
-            return triton_gemm.dequant_matmul_triton(
-                x,
-                layer.weight_packed,
-                layer.weight_scale,
-                layer.weight_zero_point,
-                layer.weight_g_idx,
-                s.bits,
-                s.group_size,
-                layer.out_features,
-                layer.in_features,
-                layer.bias,
-            )
+            return packed_matmul_triton(x, layer.packed(), layer.bias)
         except ValueError as e:  # activation the kernels cannot take (dtype, size): one sentence, no fallback
             raise CompressError(f"kernel triton cannot run this input: {e}") from None
+
+
+def packed_matmul_triton(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *, mode: str = "auto") -> Tensor:
+    """The fused kernels for a pack-quantized storage (its scheme says bits and groups; sizes are the static
+    shapes of the codes and of ``x``)."""
+    s = packed.scheme
+    return triton_gemm.dequant_matmul_triton(
+        x, packed.weight_packed, packed.weight_scale, packed.weight_zero_point, packed.weight_g_idx, s.bits,
+        s.group_size, packed.weight_packed.shape[0], x.shape[-1], bias, mode=mode)
 
 
 TRITON = register_path(TritonPath(), auto_priority=0)
