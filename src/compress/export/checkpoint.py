@@ -1,8 +1,9 @@
-"""Write a model whose targeted layers are ``QuantLinear`` as a compressed-tensors ``pack-quantized`` checkpoint.
+"""Write a model whose targeted layers are ``QuantLinear`` as a compressed-tensors checkpoint.
 
 The model's state dict already holds the checkpoint's tensor names (``QuantLinear`` buffers are named like
-the format), so writing is: collect tensors, shard them, describe the schemes in ``config.json``. Tensors
-are written in sorted name order with fixed metadata so that the same model gives the same bytes.
+its codec's layout, ``compress.codecs``), so writing is: collect tensors, shard them, let each layer's codec
+describe its scheme in ``config.json``. Tensors are written in sorted name order with fixed metadata so that
+the same model gives the same bytes.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.codecs import CODECS
+from compress.codecs.sparse_bitmask import SPARSE_BITMASK
 from compress.core.observers import ACTORDER_ATTR, OBSERVER_ATTR
 from compress.core.scheme import QuantScheme
-from compress.core.sparsity import SPARSITY_ATTR, to_bitmask
+from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-BITMASK_PREFIX = "sparse-bitmask"
+BITMASK_PREFIX = SPARSE_BITMASK.name
 """File-name stem of the opt-in compact sparse layout (``export.sparse_format: bitmask``). Its weights are
 deliberately not named ``model*.safetensors``: current readers (transformers + compressed-tensors >= 0.15,
 vLLM) cannot decode bitmasks and would build the model with the pruned layers randomly initialised; with
 no ``model.safetensors`` to find they refuse the folder instead. ``compress.load`` reads it."""
 SPARSE_FORMATS = ("dense", "bitmask")
+MIXED_FORMAT = "mixed-precision"
+"""compressed-tensors' top-level ``format`` when config groups use different layouts (each group says its own)."""
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -68,7 +73,7 @@ def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense") -> dict[s
         if leaf == "weight" and module_name in from_conv1d:
             tensor = tensor.t()
         if leaf == "weight" and module_name in sparse_dense:
-            for suffix, part in to_bitmask(tensor.detach().to("cpu")).items():
+            for suffix, part in SPARSE_BITMASK.encode(tensor).items():
                 tensors[f"{module_name}.{suffix}"] = part
             continue
         tensors[name] = tensor.detach().to("cpu").contiguous()
@@ -156,26 +161,23 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str],
         return {"quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
                 "config_groups": {}, "ignore": sorted(all_linear_names), "kv_cache_scheme": None,
                 "sparsity_config": sparsity, "global_compression_ratio": None}
-    by_scheme: dict[QuantScheme, list[str]] = {}
+    by_scheme: dict[tuple[str, QuantScheme], list[str]] = {}
     for name, module in quantized.items():
-        by_scheme.setdefault(module.scheme, []).append(name)
+        by_scheme.setdefault((module.format, module.scheme), []).append(name)
+    formats = sorted({fmt for fmt, _ in by_scheme})
+    mixed = len(formats) > 1
     ignore = sorted(set(all_linear_names) - set(quantized))
     groups = {}
-    for index, (scheme, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0])):
-        has_g_idx = any(quantized[n].weight_g_idx is not None for n in names)
+    for index, ((fmt, scheme), names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0])):
+        first = quantized[names[0]]  # provenance marks are read per group, from its first layer
         targets = ["Linear"] if len(by_scheme) == 1 else [f"re:^{_escape(n)}$" for n in names]
-        actorder = "group" if has_g_idx else getattr(quantized[names[0]], ACTORDER_ATTR, None)
-        groups[f"group_{index}"] = {
-            "targets": targets,
-            "weights": scheme.to_compressed_tensors(actorder=actorder,
-                                                    observer=getattr(quantized[names[0]], OBSERVER_ATTR, "minmax")),
-            "input_activations": None,
-            "output_activations": None,
-        }
-    fmt = "pack-quantized"
+        body = CODECS.get(fmt).config(scheme, actorder=getattr(first, ACTORDER_ATTR, None),
+                                      observer=getattr(first, OBSERVER_ATTR, "minmax"),
+                                      has_g_idx=any(getattr(quantized[n], "weight_g_idx", None) is not None for n in names))
+        groups[f"group_{index}"] = {"targets": targets, **body, **({"format": fmt} if mixed else {})}
     return {
         "quant_method": "compressed-tensors",
-        "format": fmt,
+        "format": MIXED_FORMAT if mixed else formats[0],
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
@@ -201,13 +203,12 @@ def sparsity_config(model: nn.Module) -> dict:
         total += weight.numel()
     structures = sorted(set(sparse.values()))
     any_dense = any(not isinstance(model.get_submodule(n), QuantLinear) for n in sparse)
-    return {
-        "format": "sparse-bitmask" if any_dense else "dense",
-        "global_sparsity": round(zeros / max(total, 1), 6),
-        "sparsity_structure": structures[0] if len(structures) == 1 else "unstructured",
-        "targets": [f"re:^{_escape(n)}$" for n in sorted(sparse)],
-        "ignore": [],
-    }
+    config = SPARSE_BITMASK.config(None, targets=[f"re:^{_escape(n)}$" for n in sorted(sparse)],
+                                   global_sparsity=round(zeros / max(total, 1), 6),
+                                   structure=structures[0] if len(structures) == 1 else "unstructured")
+    if not any_dense:  # every pruned layer is quantized: its codes are packed densely, the block records the pattern
+        config["format"] = "dense"
+    return config
 
 
 def _escape(name: str) -> str:

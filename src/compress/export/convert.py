@@ -16,6 +16,9 @@ from typing import Any
 import torch
 import yaml
 
+from compress.codecs import Codec, layer_plan
+from compress.codecs.gptq import GPTQ
+from compress.codecs.pack_quantized import PACK_QUANTIZED
 from compress.core.errors import CompressError
 from compress.export.checkpoint import INDEX_NAME, write_weights
 from compress.export.gptq import (
@@ -26,7 +29,7 @@ from compress.export.gptq import (
     to_gptq,
     write_quantize_config,
 )
-from compress.export.load import _check_quant_config, read_json, read_tensors, scheme_for, weight_files
+from compress.export.load import _check_quant_config, read_json, read_tensors, weight_files
 from compress.export.manifest import MANIFEST_NAME, write_manifest
 from compress.export.st_files import copy_sentence_transformers_files
 
@@ -37,7 +40,7 @@ _NOT_COPIED = {"config.json", QUANTIZE_CONFIG_NAME, MANIFEST_NAME, INDEX_NAME, "
 
 def checkpoint_format(quant_config: Any) -> str:
     """"compressed-tensors" or "gptq" for a ``quantization_config`` we can read; CompressError otherwise."""
-    if isinstance(quant_config, dict) and quant_config.get("quant_method") == "gptq":
+    if isinstance(quant_config, dict) and quant_config.get("quant_method") == GPTQ.quant_method:
         read_gptq_config(quant_config)
         return "gptq"
     _check_quant_config(quant_config)
@@ -81,16 +84,17 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
     all_linears, in_blocks = _linear_names(config_data, source)
 
     if to == "gptq":
-        from compress.core.packing import PackedWeight
-
-        names = sorted(n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed"))
         schemes = {}
-        for name in names:
-            schemes[name], _ = scheme_for(name, quant)
+        for layer in layer_plan(tensors, quant, source=str(source)):
+            file = origin.get(f"{layer.name}.{layer.codec.marker}")
+            if layer.codec is not PACK_QUANTIZED:  # GPTQ re-arranges packed integer codes, nothing else
+                raise CompressError(f"layer {layer.name} is stored as {layer.codec.name}, which the GPTQ layout "
+                                    "cannot hold; only pack-quantized layers convert")
             try:
-                PackedWeight.from_tensors(name, tensors, schemes[name])
+                PACK_QUANTIZED.read(layer.name, tensors, layer.scheme)
             except CompressError as error:
-                raise CompressError(f"{str(error).rstrip('.')} (in {origin.get(name + '.weight_packed')})") from None
+                raise CompressError(f"{str(error).rstrip('.')} (in {file})") from None
+            schemes[layer.name] = layer.scheme
         meta = _source_meta(source)
         converted, new_quant = to_gptq(tensors, schemes, dense_in_blocks=[n for n in in_blocks if n not in schemes],
                                        meta=meta)
@@ -99,7 +103,8 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
         converted, schemes = from_gptq(tensors, quant, origin)
         has_g_idx = any(n.endswith(".weight_g_idx") for n in converted)
         new_quant = compressed_tensors_config(schemes, has_g_idx, ignore=all_linears)
-    changes = _changes(tensors, converted, schemes, to)
+    source_codec, target_codec = (PACK_QUANTIZED, GPTQ) if to == "gptq" else (GPTQ, PACK_QUANTIZED)
+    changes = _changes(tensors, converted, schemes, source_codec, target_codec)
     write_weights(converted, out_dir, max_shard_bytes)
     config_data["quantization_config"] = new_quant
     (out_dir / "config.json").write_text(json.dumps(config_data, indent=2, sort_keys=True) + "\n")
@@ -116,23 +121,18 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
 
 
 def _changes(source: dict[str, torch.Tensor], converted: dict[str, torch.Tensor], schemes: dict[str, Any],
-             to: str) -> dict[str, Any]:
+             before_codec: Codec, after_codec: Codec) -> dict[str, Any]:
     """What the conversion kept and what it changed: ``unchanged`` (codes, zero points, group order) and
     ``scales`` (dtype before → after, and the largest relative change of a scale, 0.0 when bit-exact)."""
     names = sorted(schemes)
     asym = any(not scheme.symmetric for scheme in schemes.values())
-    g_idx = any(f"{n}.g_idx" in source or f"{n}.weight_g_idx" in source for n in names)
+    g_idx = any(f"{n}.{before_codec.order_leaf}" in source for n in names)
     unchanged = ["codes", *(["zero points"] if asym else []), *(["group order (g_idx)"] if g_idx else [])]
-    before_key, after_key = ("weight_scale", "scales") if to == "gptq" else ("scales", "weight_scale")
     dtypes_before, dtypes_after, worst = set(), set(), 0.0
-    for name in names:
-        before, after = source[f"{name}.{before_key}"], converted[f"{name}.{after_key}"]
+    for name in names:  # both oriented [out, groups], whatever each layout stores
+        before, after = before_codec.scale_of(name, source), after_codec.scale_of(name, converted)
         dtypes_before.add(str(before.dtype).removeprefix("torch."))
         dtypes_after.add(str(after.dtype).removeprefix("torch."))
-        if to == "gptq":  # GPTQ stores scales [groups, out], compressed-tensors [out, groups]
-            after = after.t()
-        else:
-            before = before.t()
         b, a = before.double(), after.double()
         nonzero = b != 0
         if bool(nonzero.any()):

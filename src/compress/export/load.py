@@ -1,9 +1,11 @@
 """``compress.load``: a compressed checkpoint back as a runnable transformers model.
 
-The architecture is built from ``config.json`` without initialising weights, every layer that has a
-``weight_packed`` tensor becomes a ``QuantLinear`` holding the packed codes (never a dequantized copy),
-and the safetensors shards are loaded into it. Every tensor is validated against the config before it
-is trusted: a checkpoint that disagrees with itself is a ``CompressError`` naming the tensor and file.
+The architecture is built from ``config.json`` without initialising weights; every codec is asked which
+layers it stores (``compress.codecs.layer_plan``) and rebuilds them: quantized layers become a
+``QuantLinear`` holding the codes in their layout (never a dequantized copy), dense-value layouts (bitmask
+sparsity) are decoded into the architecture's own layer; then the safetensors shards are loaded. Every
+tensor is validated against the config before it is trusted: a checkpoint that disagrees with itself is a
+``CompressError`` naming the tensor and file.
 """
 
 from __future__ import annotations
@@ -15,17 +17,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from compress.codecs import StoredLayer, check_quant_config, layer_plan, scheme_for
 from compress.core.errors import CompressError
-from compress.core.packing import PackedWeight
-from compress.core.scheme import QuantScheme
-from compress.core.sparsity import BITMASK_SUFFIXES, from_bitmask
-from compress.core.targets import matches
 from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear
 from compress.models.safety import check_checkpoint_folder
 
-_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+__all__ = ["build_empty_model", "load", "read_json", "read_tensors", "scheme_for", "weight_files"]
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -68,25 +67,6 @@ def read_tensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def _short(error: Exception) -> str:
     return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-
-
-def scheme_for(name: str, quant_config: dict) -> tuple[QuantScheme, dict]:
-    """The config group whose targets claim layer ``name``."""
-    groups = quant_config.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        raise CompressError("quantization_config has no config_groups")
-    fallback = None
-    for group in groups.values():
-        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
-            raise CompressError("quantization_config has a config group without a weights scheme")
-        targets = group.get("targets") or []
-        if any(t != "Linear" and matches(name, t) for t in targets):
-            return QuantScheme.from_compressed_tensors(group["weights"]), group["weights"]
-        if "Linear" in targets and fallback is None:
-            fallback = group["weights"]
-    if fallback is None:
-        raise CompressError(f"layer {name} has packed weights but no config group targets it")
-    return QuantScheme.from_compressed_tensors(fallback), fallback
 
 
 def _architecture_class(config):
@@ -147,25 +127,30 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
         raise CompressError(f"config.json in {folder} describes a model transformers cannot build "
                             f"({_short(error)})") from None
     converted = set(convert_conv1d_to_linear(model))
-    if quant_config is None and any(n.endswith((".weight_packed", ".qweight")) for n in tensors):
-        raise CompressError(f"{folder} holds packed weights but config.json has no quantization_config")
-    if quant_config is not None:
-        tensors, quant_config = _from_gptq_if_needed(tensors, origin, quant_config)
-        _check_quant_config(quant_config)
-    tensors = _densify_bitmasks(tensors, origin)
-    packed_names = sorted(n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed"))
-    for name in packed_names:
+    plan = layer_plan(tensors, quant_config, source=str(folder))
+    _check_model_level(plan, quant_config)
+    rebuilt = set()
+    for layer in plan:
+        original = _target_linear(model, layer, origin)
+        file = origin.get(f"{layer.name}.{layer.codec.marker}", "?")
         try:
-            original = model.get_submodule(name)
-        except AttributeError:
-            raise CompressError(f"tensor {name}.weight_packed in {origin[name + '.weight_packed']} names a layer "
-                                "the architecture does not have") from None
-        if not isinstance(original, nn.Linear):
-            raise CompressError(f"tensor {name}.weight_packed targets {name}, which is not a linear layer")
-        scheme, _ = scheme_for(name, quant_config)
-        _swap_module(model, name, _quant_layer(name, scheme, tensors, origin, original))
-    dense_conv1d = converted - set(packed_names)
-    for name in dense_conv1d:  # dense layers keep the checkpoint's Conv1D layout
+            if not layer.codec.quantized:  # dense values: back under P.weight, for the architecture's own layer
+                tensors[f"{layer.name}.weight"] = layer.codec.decode(layer.name, tensors, None)
+                origin[f"{layer.name}.weight"] = file
+                for key in layer.codec.parts(layer.name, tensors):
+                    tensors.pop(key)
+                continue
+            module = layer.codec.rebuild(layer.name, tensors, layer.scheme, tensors.get(f"{layer.name}.bias"),
+                                         **layer.options)
+        except CompressError as error:
+            raise CompressError(f"{str(error).rstrip('.')} (in {file})") from None
+        _check_rebuilt(layer.name, module, original, file)
+        for key in layer.codec.parts(layer.name, tensors):  # the module holds them now, under its own names
+            tensors.pop(key)
+        tensors.update({f"{layer.name}.{k}": v for k, v in module.state_dict().items()})
+        _swap_module(model, layer.name, module)
+        rebuilt.add(layer.name)
+    for name in converted - rebuilt:  # dense layers keep the checkpoint's Conv1D layout
         key = f"{name}.weight"
         if key in tensors:
             tensors[key] = tensors[key].t().contiguous()
@@ -182,69 +167,40 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
     return model
 
 
-def _quant_layer(name: str, scheme: QuantScheme, tensors: dict[str, torch.Tensor], origin: dict[str, str],
-                 original: nn.Linear) -> QuantLinear:
-    """Validate one layer's packed tensors and take them out of ``tensors`` into a ``QuantLinear``."""
-    file = origin.get(f"{name}.weight_packed", "?")
+def _check_model_level(plan: list[StoredLayer], quant_config) -> None:
+    """A model-level method (GPTQ) whose config promises layers the tensors do not hold is refused."""
+    if isinstance(quant_config, dict) and quant_config.get("quant_method") not in (None, "compressed-tensors") \
+            and not any(layer.codec.quant_method == quant_config["quant_method"] for layer in plan):
+        method = quant_config["quant_method"]
+        raise CompressError(f"quantization_config says {method} but the checkpoint has no tensors in that layout")
+
+
+def _target_linear(model: nn.Module, layer: StoredLayer, origin: dict[str, str]) -> nn.Linear:
+    """The architecture's Linear that a stored layer replaces (or fills)."""
+    marker = f"{layer.name}.{layer.codec.marker}"
     try:
-        packed = PackedWeight.from_tensors(name, tensors, scheme)
-    except CompressError as error:
-        raise CompressError(f"{str(error).rstrip('.')} (in {file})") from None
-    if (packed.out_features, packed.in_features) != (original.out_features, original.in_features):
-        raise CompressError(f"tensor {name}.weight_shape in {file} says {packed.out_features}x{packed.in_features}, "
+        original = model.get_submodule(layer.name)
+    except AttributeError:
+        raise CompressError(f"tensor {marker} in {origin.get(marker, '?')} names a layer the architecture does "
+                            "not have") from None
+    if not isinstance(original, nn.Linear):
+        raise CompressError(f"tensor {marker} targets {layer.name}, which is not a linear layer")
+    return original
+
+
+def _check_rebuilt(name: str, module: nn.Module, original: nn.Linear, file: str) -> None:
+    """The rebuilt layer has the architecture's shape and bias presence."""
+    shape = (module.out_features, module.in_features)
+    if shape != (original.out_features, original.in_features):
+        raise CompressError(f"layer {name} in {file} is stored as {shape[0]}x{shape[1]}, "
                             f"but the config implies {original.out_features}x{original.in_features}")
-    bias = tensors.get(f"{name}.bias")
-    if (bias is None) != (original.bias is None):
+    if (getattr(module, "bias", None) is None) != (original.bias is None):
         raise CompressError(f"layer {name} in {file}: bias presence disagrees with the architecture")
-    return QuantLinear.from_packed(packed, bias)
-
-
-def _from_gptq_if_needed(tensors: dict[str, torch.Tensor], origin: dict[str, str],
-                         quant_config) -> tuple[dict[str, torch.Tensor], dict]:
-    """A GPTQ-layout checkpoint is re-arranged in memory into the compressed-tensors tensors (same codes)."""
-    if not isinstance(quant_config, dict) or quant_config.get("quant_method") != "gptq":
-        return tensors, quant_config
-    from compress.export.gptq import compressed_tensors_config, from_gptq
-
-    converted, schemes = from_gptq(tensors, quant_config, origin)
-    if not schemes:
-        raise CompressError("quantization_config says gptq but the checkpoint has no qweight tensors")
-    has_g_idx = any(n.endswith(".weight_g_idx") for n in converted)
-    return converted, compressed_tensors_config(schemes, has_g_idx, ignore=())
 
 
 def _check_quant_config(quant_config) -> None:
-    if not isinstance(quant_config, dict):
-        raise CompressError("quantization_config in config.json must be an object")
-    method = quant_config.get("quant_method")
-    if method != "compressed-tensors":
-        raise CompressError(f"quantization_config.quant_method {method!r} is not supported "
-                            "(expected compressed-tensors or gptq)")
-    fmt = quant_config.get("format")
-    if fmt not in ("pack-quantized", "dense"):
-        raise CompressError(f"compressed-tensors format {fmt!r} is not supported yet (expected pack-quantized "
-                            "or dense)")
-    sparsity = quant_config.get("sparsity_config") or {}
-    if not isinstance(sparsity, dict) or sparsity.get("format", "dense") not in ("dense", "sparse-bitmask"):
-        raise CompressError("quantization_config.sparsity_config must be empty or use the dense or "
-                            "sparse-bitmask format")
-
-
-def _densify_bitmasks(tensors: dict[str, torch.Tensor], origin: dict[str, str]) -> dict[str, torch.Tensor]:
-    """``P.{shape,compressed,bitmask,row_offsets}`` (sparse-bitmask) → the dense ``P.weight`` with its zeros."""
-    prefixes = sorted(n[: -len(".bitmask")] for n in tensors if n.endswith(".bitmask"))
-    for prefix in prefixes:
-        parts = {}
-        for suffix in BITMASK_SUFFIXES:
-            parts[suffix] = tensors.pop(f"{prefix}.{suffix}", None)
-        file = origin.get(f"{prefix}.bitmask", "?")
-        try:
-            dense = from_bitmask({k: v for k, v in parts.items() if v is not None}, prefix)
-        except CompressError as error:
-            raise CompressError(f"{str(error).rstrip('.')} (in {file})") from None
-        tensors[f"{prefix}.weight"] = dense
-        origin[f"{prefix}.weight"] = file
-    return tensors
+    """Kept for callers that validate a config without reading tensors (``convert``)."""
+    check_quant_config(quant_config)
 
 
 def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, str], folder: Path) -> None:

@@ -27,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from compress.codecs import CODECS, StorageCodec
+from compress.codecs.pack_quantized import PACK_QUANTIZED
 from compress.core.errors import CompressError
 from compress.core.scheme import QuantScheme
 from compress.kernels.quant_linear import QuantLinear
@@ -54,13 +56,12 @@ def _plain_attrs(module: nn.Module) -> dict[str, Any]:
 
 
 def describe(module: nn.Module) -> dict[str, Any] | None:
-    """How to rebuild ``module`` empty (its tensors are saved separately); None for a type we cannot."""
+    """How to rebuild ``module`` (its tensors are saved separately); None for a type we cannot. A quantized
+    layer is named by its codec (``format``) and its scheme as a compressed-tensors config group."""
     if isinstance(module, QuantLinear):
-        s = module.scheme
-        return {"type": "QuantLinear", "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
+        return {"type": "QuantLinear", "format": module.format, "scheme": module.scheme.to_config_group([]),
                 "in": module.in_features, "out": module.out_features, "bias": module.bias is not None,
-                "g_idx": module.weight_g_idx is not None, "scale_dtype": str(module.weight_scale.dtype),
-                "attrs": _plain_attrs(module)}
+                "scale_dtype": str(module.weight_scale.dtype), "attrs": _plain_attrs(module)}
     if type(module) is nn.Linear:
         return {"type": "Linear", "in": module.in_features, "out": module.out_features,
                 "bias": module.bias is not None, "dtype": str(module.weight.dtype), "attrs": _plain_attrs(module)}
@@ -74,11 +75,22 @@ def _dtype(name: str) -> torch.dtype:
     return value
 
 
-def rebuild(desc: dict[str, Any]) -> nn.Module:
+def rebuild(desc: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, prefix: str = "") -> nn.Module:
+    """The module ``desc`` describes. A quantized layer is rebuilt by its codec from the saved block tensors
+    (``tensors``, names relative to the block; ``prefix`` the layer's name there), so the saved state is
+    validated like a checkpoint; without tensors an empty module of the right layout is built."""
     if desc["type"] == "QuantLinear":
-        scheme = QuantScheme(desc["bits"], desc["group_size"], desc["symmetric"])
-        module: nn.Module = QuantLinear(desc["in"], desc["out"], scheme, bias=desc["bias"], has_g_idx=desc["g_idx"],
-                                        scale_dtype=_dtype(desc["scale_dtype"]))
+        codec = CODECS.get(desc.get("format", PACK_QUANTIZED.name))
+        if not isinstance(codec, StorageCodec):
+            raise CompressError(f"resume state holds a quantized layer in {codec.name}, which stores no codes")
+        scheme = QuantScheme.from_config_group(desc["scheme"]) if "scheme" in desc \
+            else QuantScheme(desc["bits"], desc["group_size"], desc["symmetric"])  # states written before codecs
+        if tensors is not None:
+            module: nn.Module = codec.rebuild(prefix, tensors, scheme, tensors.get(f"{prefix}.bias"))
+        else:
+            module = QuantLinear(desc["in"], desc["out"], scheme, bias=desc["bias"], has_g_idx=desc.get("g_idx", False),
+                                 scale_dtype=_dtype(desc["scale_dtype"]), layout=codec.storage_cls,
+                                 format=codec.name)
     elif desc["type"] == "Linear":
         module = nn.Linear(desc["in"], desc["out"], bias=desc["bias"], dtype=_dtype(desc["dtype"]),
                            device="meta")
@@ -149,11 +161,13 @@ class SweepCheckpoint:
         if not self.completed:
             return None
         try:
+            prefixes = {id(m): n for n, m in model.named_modules()}
             for index in range(self.completed):
                 entry = self.state["blocks"][str(index)]
-                for name, desc in entry["modules"].items():
-                    swap_module(model, name, rebuild(desc))
                 saved = load_file(str(self.folder / entry["file"]))
+                block_prefix = prefixes[id(blocks[index])] + "."
+                for name, desc in entry["modules"].items():
+                    swap_module(model, name, rebuild(desc, saved, name.removeprefix(block_prefix)))
                 blocks[index].load_state_dict(saved, strict=True, assign=True)
             hidden = None
             if self.state.get("inputs"):
