@@ -1,14 +1,26 @@
-"""What a compression method is to the pipeline: a config class plus a per-layer solve.
+"""What a compression method is to the pipeline: a config class plus a solve at the scope it needs.
 
-A pass sees ``nn.Linear`` modules and tensors, never an architecture. The pipeline (``compress.pipeline``)
-walks the blocks, feeds each targeted layer's statistics when the pass asks for calibration, and swaps in
-whatever module ``apply`` returns (a ``QuantLinear``, a pruned ``Linear``).
+A pass sees ``nn.Linear`` modules and tensors, never an architecture. The block sweep
+(``compress.pipeline.sequential``) walks the blocks, feeds the statistics a pass asks for, calls its solve
+and swaps in whatever modules it returns. Three scopes, because methods differ in what one solve must see:
+
+- ``LayerPass.apply(name, linear, stats)``: one layer (RTN, GPTQ, magnitude, Wanda, SparseGPT).
+- ``GroupPass.apply_group(group, stats)``: the layers that read one input tensor together with the module
+  that produces it (a norm, or a previous linear), so a scaling, smoothing or rotation method (AWQ,
+  SmoothQuant) can fold its transform into the producer (``compress.passes.groups``).
+- ``BlockPass.apply_block(work)``: a whole block with its calibration inputs and its original outputs, for
+  block-output reconstruction (AutoRound-like).
+
+``ModelPass`` changes the model's shape (structured pruning); the pipeline drives it through the same
+sweep, with the family layouts of ``compress.models.structure`` naming the layers it slices.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
@@ -16,6 +28,11 @@ from torch import Tensor, nn
 from compress.core.errors import CompressError
 from compress.core.registry import Registry
 from compress.core.targets import check_patterns
+
+if TYPE_CHECKING:
+    from compress.passes.groups import Group
+
+Scope = Literal["layer", "group", "block", "model"]
 
 
 class PassConfig(BaseModel):
@@ -41,73 +58,140 @@ class PassConfig(BaseModel):
 class Stats(Protocol):
     """A per-layer accumulator the pipeline feeds (``calibrate.stats.HessianStats`` is one).
 
-    The pipeline only needs these two methods, so a pass may bring any statistic it likes.
+    The pipeline only needs these two methods, so a pass may bring any statistic it likes. An optional
+    ``share_key()`` lets layers that read one tensor share one accumulator (equal keys, same numbers).
     """
 
     def add_batch(self, x: Tensor) -> None:
         """Fold one calibration batch of the layer's INPUT (``[..., in_features]``) into the statistic."""
 
     def free(self) -> None:
-        """Release the memory once ``apply`` has run."""
+        """Release the memory once the solve has run."""
 
 
-class LayerPass(ABC):
-    """One method applied layer by layer. Subclasses set ``config_cls`` and implement ``apply``."""
+class Pass(ABC):
+    """What every method shares: its config, a tag, and the capabilities the stage-order check reads
+    (``compress.pipeline.stage_order``) before anything loads."""
 
     config_cls: ClassVar[type[PassConfig]]
+    scope: ClassVar[Scope]
     needs_calibration: ClassVar[bool] = False
+
+    needs_dense_weights: ClassVar[bool] = True
+    """The pass reads and rewrites an ``nn.Linear``'s float weight, so it cannot follow a stage that left
+    the layer quantized (packed codes have no ``weight`` to rewrite)."""
+    changes_shapes: ClassVar[bool] = False
+    """The pass removes channels, heads or blocks: later stages must see the smaller model, so it runs in a
+    sweep of its own and only before layer-wise stages (their layers would otherwise change under them)."""
+    rewrites_producers: ClassVar[bool] = False
+    """Besides its own layers the pass edits the modules producing their input (a group pass folding a
+    scale into a norm or a previous linear): those must still be dense too."""
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config
+
+    def quantizes(self) -> bool:
+        """Whether the layers this stage touches come out quantized (packed) rather than dense."""
+        return False
+
+    def describe(self) -> str:
+        """A short tag for output names and summaries, e.g. ``w4g128``."""
+        return self.config.method
 
     def make_stats(self, name: str, linear: nn.Linear) -> Stats | None:
         """The accumulator for one targeted layer, when ``needs_calibration`` is True.
 
         Contract with the pipeline: it calls this for each targeted layer, feeds every calibration batch's
-        layer input through ``stats.add_batch(x)`` (a forward hook), then ``apply(name, linear, stats)``,
-        then ``stats.free()``. The pass decides what to collect, so a new statistic needs no pipeline change.
+        layer input through ``stats.add_batch(x)`` (a forward pre-hook), then the solve, then ``stats.free()``.
+        The pass decides what to collect, so a new statistic needs no pipeline change.
         """
         return None
 
     def check_layer(self, name: str, linear: nn.Linear) -> None:  # noqa: B027 (optional hook)
         """Raise ``CompressError`` before any work if this layer cannot take the pass (e.g. group size)."""
 
+
+class LayerPass(Pass):
+    """One method applied layer by layer. Subclasses set ``config_cls`` and implement ``apply``."""
+
+    scope: ClassVar[Scope] = "layer"
+
     @abstractmethod
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         """Return the module that replaces ``linear`` (may be ``linear`` itself, modified)."""
 
-    def describe(self) -> str:
-        """A short tag for output names and summaries, e.g. ``w4g128``."""
-        return self.config.method
 
-    # Capabilities, read by the stage-order check (``compress.pipeline.stage_order``) before anything loads.
-    needs_dense_weights: ClassVar[bool] = True
-    """The pass reads and rewrites an ``nn.Linear``'s float weight, so it cannot follow a stage that left
-    the layer quantized (packed codes have no ``weight`` to rewrite)."""
+class GroupPass(Pass):
+    """A method that solves the layers reading one input together, with the module producing that input.
 
-    def quantizes(self) -> bool:
-        """Whether the layers this stage touches come out quantized (packed) rather than dense."""
-        return False
+    The sweep hands it a ``Group`` per input tensor of the block, in call order: q/k/v with the attention
+    norm, gate/up with the MLP norm, and, where the family allows it, o_proj with v_proj and down_proj with
+    up_proj (``compress.models.producers``). Every linear reading the tensor is in the group (an ``ignore``
+    pattern that splits them is refused), so a transform folded into the producer is compensated in all of
+    its readers. Groups are learned from a forward pass, so a group pass is always calibrated.
+    """
+
+    scope: ClassVar[Scope] = "group"
+    needs_calibration: ClassVar[bool] = True
+    rewrites_producers: ClassVar[bool] = True
+    needs_producer: ClassVar[bool] = True
+    """True: a group whose producer cannot be folded into (o_proj under GQA, a GELU between two linears)
+    stops the run with one sentence. False: such groups arrive with ``producer=None`` (AWQ skips them)."""
+
+    @abstractmethod
+    def apply_group(self, group: Group, stats: Mapping[str, Any]) -> Mapping[str, nn.Module]:
+        """Replacements for members of ``group`` by full name; a member left out keeps its module (which
+        the pass may have changed in place, like the producer)."""
 
 
-class ModelPass(ABC):
-    """A method that changes the model's shape (structured pruning): it edits whole blocks and the config, so
-    it cannot be a per-layer solve inside the block sweep.
+@dataclass
+class BlockWork:
+    """Everything a block-scope solve may use, for one block."""
+
+    index: int
+    block: nn.Module
+    layers: dict[str, nn.Linear]
+    """The targeted layers of this block, by full name."""
+    stats: dict[str, Any]
+    """Their statistics (empty when the pass collects none)."""
+    inputs: list[Tensor]
+    """The block's input hidden states, one per calibration batch, as the compressed blocks before it
+    produce them (on the offload device)."""
+    targets: list[Tensor]
+    """The block's outputs on ``inputs`` before this pass changed anything in it (on the offload device)."""
+    forward: Callable[[int], Tensor]
+    """``forward(i)``: the block as it is now, run on batch ``i`` (with that batch's masks and rotary
+    arguments) on the compute device, returning its output hidden states."""
+
+
+class BlockPass(Pass):
+    """A method that solves a whole block at once against its original outputs (block-output
+    reconstruction: learn rounding or scales so the compressed block reproduces ``work.targets``)."""
+
+    scope: ClassVar[Scope] = "block"
+    needs_calibration: ClassVar[bool] = True
+    needs_grad: ClassVar[bool] = False
+    """True: the solve runs with autograd enabled, on ordinary (not inference-mode) copies of the inputs and
+    targets, so it can optimise parameters by gradient descent."""
+
+    @abstractmethod
+    def apply_block(self, work: BlockWork) -> Mapping[str, nn.Module]:
+        """Replacements for layers of ``work.block`` by full name (layers left out keep their module)."""
+
+
+class ModelPass(Pass):
+    """A method that changes the model's shape (structured pruning): it removes channels, heads or blocks
+    and the config changes with them.
 
     It still never sees an architecture: ``compress.models.structure`` names the layers (MLP in/out, q/k/v/o)
     and edits the config; the pass turns calibration statistics into what to keep and slices ``nn.Linear``s.
-    The pipeline (``compress.pipeline.structured``) runs it before any layer-wise stage.
+    The pipeline (``compress.pipeline.structured``) runs it through the block sweep, in a sweep of its own,
+    before any layer-wise stage.
     """
 
-    config_cls: ClassVar[type[PassConfig]]
+    scope: ClassVar[Scope] = "model"
     needs_calibration: ClassVar[bool] = True
-
-    def __init__(self, config: PassConfig) -> None:
-        self.config = config
-
-    def describe(self) -> str:
-        """A short tag for output names and summaries, e.g. ``channels25``."""
-        return self.config.method
+    changes_shapes: ClassVar[bool] = True
 
 
-PASSES: Registry[type[LayerPass] | type[ModelPass]] = Registry("method")
+PASSES: Registry[type[Pass]] = Registry("method")
