@@ -65,3 +65,30 @@ def test_rtn_run_builds_no_calibration(tmp_path, monkeypatch):
                                "stages": [{"method": "rtn", "bits": 4, "group_size": 32}]})
     result = compress.run(recipe, tmp_path / "out")
     assert result.calibration is None and result.layers == 14
+
+
+def test_in_memory_structured_then_quantize_equals_the_exported_run(tmp_path):
+    """compress_model runs structured stages too (their own sweep, first): same shapes, same codes and the
+    same structured report as the exported run."""
+    import json
+
+    from compress.calibrate.data import calibration_samples
+
+    folder = save_tiny("llama", tmp_path / "llama")
+    recipe = recipe_from_dict({"model": str(folder), "eval": {"enabled": False},
+                               "calibration": {"num_samples": 4, "seq_len": 32},
+                               "stages": [{"method": "structured", "target": "heads", "ratio": 0.25},
+                                          {"method": "structured", "target": "blocks", "num_blocks": 1},
+                                          {"method": "gptq", "bits": 4, "group_size": 32}]})
+    compress.run(recipe, tmp_path / "out")
+    exported = compress.load(tmp_path / "out", kernel="reference")
+    loaded = load_model(str(folder))
+    ids = calibration_samples(loaded.tokenizer, "demo-calib", 4, 32, seed=0).input_ids
+    model, records = compress_model(loaded.model, recipe.stages, ids)
+    assert len(records) == 7 and len(model.model.layers) == 1 and model.config.num_attention_heads == 2
+    assert records.structured == json.loads(
+        (tmp_path / "out" / "report.json").read_text())["structured"]
+    assert [p.config.method for p, _ in records.stages] == ["gptq"]
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(module.weight_packed, exported.get_submodule(name).weight_packed), name

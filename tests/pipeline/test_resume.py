@@ -158,3 +158,46 @@ def test_cli_ctrl_c_with_resume_then_resume(model4, corpus, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert "resuming after block 2" in result.stderr
     assert files(out) == files(tmp_path / "straight")
+
+
+CHANNELS = {"method": "structured", "target": "channels", "ratio": 0.25}
+HEADS = {"method": "structured", "target": "heads", "ratio": 0.25}
+DROP = {"method": "structured", "target": "blocks", "num_blocks": 1}
+GPTQ = {"method": "gptq", "bits": 4, "group_size": 32}
+SWEEPS = ("prune channels", "prune heads", "score blocks", "compress blocks")
+
+
+@pytest.mark.parametrize(("stages", "label", "after", "resumed"), [
+    ([CHANNELS], "prune channels", 2, [("prune channels", 3), ("prune channels", 4)]),
+    ([HEADS], "prune heads", 1, [("prune heads", 2), ("prune heads", 3), ("prune heads", 4)]),
+    ([DROP], "score blocks", 3, [("score blocks", 4)]),  # the scores of blocks 0-2 come from the checkpoint
+    ([CHANNELS, GPTQ], "prune channels", 2, [("prune channels", 3), ("prune channels", 4)] + [
+        ("compress blocks", i) for i in range(1, 5)]),
+    ([CHANNELS, GPTQ], "compress blocks", 2, [("compress blocks", 3), ("compress blocks", 4)]),
+    ([DROP, GPTQ], "compress blocks", 1, [("compress blocks", 2), ("compress blocks", 3)]),  # 3 blocks left
+], ids=["channels", "heads", "blocks", "channels+gptq@prune", "channels+gptq@quantize", "blocks+gptq@quantize"])
+def test_structured_runs_resume_to_the_same_bytes(model4, corpus, tmp_path, stages, label, after, resumed):
+    """Every kind of step resumes per block: sliced blocks and what each kept, block scores, and a later
+    sweep on the smaller model; a finished sweep is restored whole (its progress is not shown again)."""
+    recipe = Recipe.model_validate({
+        "model": str(model4), "device": "cpu", "calibration": {"dataset": str(corpus), "num_samples": 4, "seq_len": 32},
+        "stages": stages, "eval": {"enabled": False}})
+    compress.run(recipe, tmp_path / "straight")
+
+    def interrupt(seen_label: str, done: int, total: int) -> None:
+        if seen_label == label and done == after:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        compress.run(recipe, out, resume=True, progress=interrupt)
+    assert not out.exists() and (partial_dir(out) / "progress.json").is_file()
+    seen: list[tuple[str, int]] = []
+    said: list[str] = []
+    compress.run(recipe, out, resume=True, log=said.append,
+                 progress=lambda name, done, total: seen.append((name, done)) if name in SWEEPS else None)
+    assert seen == resumed and any(line.startswith("resuming after block") for line in said)
+    straight, again = files(tmp_path / "straight"), files(out)
+    assert straight.keys() == again.keys()
+    for name in straight:
+        assert straight[name] == again[name], name

@@ -16,7 +16,9 @@ from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear, find_blocks, select_layers
 from compress.passes.base import LayerPass
 from compress.passes.quantize.rtn import RTNConfig
-from compress.pipeline.sequential import execution_groups, run_layerwise
+from compress.pipeline.groups import execution_groups
+from compress.pipeline.sequential import sweep
+from compress.pipeline.steps import PassStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny import CAUSAL_FAMILIES, build_model  # noqa: E402
@@ -44,6 +46,11 @@ class RecordingPass(LayerPass):
         self.seen[name] = stats.tokens
         self.order.append(name)
         return QuantLinear.from_linear(linear, self.config.scheme)
+
+
+def run_layerwise(model, path, blocks, plan, **kwargs):
+    """The sweep with one layer-wise step per (pass, names), as compress_model builds it."""
+    return sweep(model, path, [PassStep(p, names, path) for p, names in plan], **kwargs)
 
 
 def _model(family: str) -> nn.Module:

@@ -67,3 +67,39 @@ def test_cli_refuses_the_order_in_one_sentence(llama, tmp_path):
     assert result.exit_code == 2
     assert "already quantized" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+STRUCTURED = {"method": "structured", "target": "channels", "ratio": 0.25}
+
+
+@pytest.mark.parametrize("stages", [
+    [{"method": "rtn", "bits": 4, "group_size": 32}, STRUCTURED],
+    [{"method": "magnitude", "sparsity": 0.5}, STRUCTURED, {"method": "rtn", "bits": 4, "group_size": 32}],
+])
+def test_structured_after_a_layerwise_stage_is_refused_before_loading(llama, stages, tmp_path, monkeypatch):
+    import compress.pipeline.run as run_module
+
+    monkeypatch.setattr(run_module, "_load", lambda *a: (_ for _ in ()).throw(AssertionError("weights loaded")))
+    recipe = _recipe(llama, stages)
+    with pytest.raises(CompressError, match=r"stage 1 \(structured\)|stage 2 \(structured\)") as error:
+        check_recipe_order(recipe, load_config(str(llama)))
+    assert "must come before layer-wise stages" in str(error.value)
+    with pytest.raises(CompressError, match="must come before layer-wise stages"):
+        compress.run(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_structured_stages_then_layerwise_ones_pass(llama):
+    check_recipe_order(_recipe(llama, [STRUCTURED, {"method": "structured", "target": "blocks", "num_blocks": 1},
+                                       {"method": "wanda", "sparsity": 0.5},
+                                       {"method": "gptq", "bits": 4, "group_size": 32}]), load_config(str(llama)))
+
+
+def test_cli_refuses_structured_after_quantize_with_exit_2(llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {llama}\nstages:\n  - {{method: rtn, bits: 4, group_size: 32}}\n"
+                      "  - {method: structured, target: blocks, num_blocks: 1}\neval: {enabled: false}\n")
+    result = runner.invoke(app, ["run", str(recipe), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "must come before layer-wise stages" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -18,8 +18,7 @@ from compress.calibrate.data import calibration_samples
 from compress.core.errors import CompressError
 from compress.evaluate.size import parameter_count
 from compress.models.load import load_model
-from compress.passes.prune.structured import StructuredPrune, StructuredPruneConfig
-from compress.pipeline.structured_sweep import prune_structured
+from compress.pipeline.engine import compress_model
 from compress.recipes.loader import recipe_from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,9 +59,9 @@ def _recipe(model_dir: Path, corpus: Path, *stages: dict, evaluate: bool = False
 def _pruned_in_memory(model_dir: Path, corpus: Path, stage: dict) -> torch.nn.Module:
     loaded = load_model(str(model_dir))
     ids = calibration_samples(loaded.tokenizer, str(corpus), SAMPLES, SEQ, seed=0).input_ids
-    layer_pass = StructuredPrune(StructuredPruneConfig(method="structured", **stage))
-    prune_structured(loaded.model, [layer_pass], ids, device=torch.device("cpu"))
-    return loaded.model
+    model, records = compress_model(loaded.model, [{"method": "structured", **stage}], ids)
+    assert not records and records.structured[0]["target"] == stage["target"]
+    return model
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -33,16 +33,26 @@ class BlockInput:
     def with_hidden(self, hidden: Tensor) -> BlockInput:
         return BlockInput((hidden, *self.args[1:]), self.kwargs)
 
+    def copy(self) -> BlockInput:
+        """Every tensor cloned: made outside inference mode, the copies are ordinary tensors that autograd may
+        save for backward (a block-output reconstruction differentiates through masks and rotary tables)."""
+        return BlockInput(tuple(_map(a, Tensor.clone) for a in self.args),
+                          {k: _map(v, Tensor.clone) for k, v in self.kwargs.items()})
+
 
 def _to(value: Any, device: torch.device) -> Any:
+    return _map(value, lambda tensor: tensor.to(device))
+
+
+def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(value, Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(_map(v, fn) for v in value)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [_map(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _map(v, fn) for k, v in value.items()}
     return value
 
 

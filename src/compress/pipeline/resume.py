@@ -216,27 +216,3 @@ def open_checkpoint(partial: Path, recipe: dict[str, Any], resume: bool) -> Swee
     """The checkpoint of a ``--resume`` run (refusing another job's state); None for an ordinary run."""
     return SweepCheckpoint(partial, recipe_hash(recipe)) if resume else None
 
-
-def resumable_sweep(model: nn.Module, block_path: str, blocks: nn.ModuleList, plan, checkpoint: SweepCheckpoint | None,
-                    *, log=None, **kwargs: Any) -> list[LayerResult]:
-    """``run_layerwise``, continued from the last completed block and checkpointing each new one."""
-    from compress.pipeline.sequential import run_layerwise
-
-    if checkpoint is None:
-        return run_layerwise(model, block_path, blocks, plan, **kwargs)
-    restored = checkpoint.restore(model, blocks)
-    if restored is not None and log is not None:
-        log(f"resuming after block {restored.start_block} of {len(blocks)} from {checkpoint.folder}")
-
-    def on_block(index: int, block: nn.Module, results: list[LayerResult], hidden) -> None:
-        checkpoint.save(index, model, block, results, hidden)
-
-    try:
-        results = run_layerwise(model, block_path, blocks, plan, start_block=restored.start_block if restored else 0,
-                                start_hidden=restored.hidden if restored else None, on_block=on_block, **kwargs)
-    except KeyboardInterrupt:
-        if log is not None and checkpoint.completed:
-            log(f"{checkpoint.completed} of {len(blocks)} blocks are saved in {checkpoint.folder}; run the same "
-                "command with --resume to continue")
-        raise
-    return [*(restored.results if restored else []), *results]

@@ -1,27 +1,32 @@
-"""The block sweep: the one loop every layer-wise method runs in.
+"""The block sweep: the one loop every stage runs in, quantizers, pruners and structured pruning alike.
 
-For each block, in order: move it to the compute device; for each pass, calibrate and compress its layers
-group by group in execution order ("true sequential": q/k/v, then o_proj, then gate/up, then down), each
-group's statistics collected on inputs produced by the already-compressed layers before it; then run the
-block once more to produce the next block's inputs, so every block is calibrated on what the compressed
-model will really feed it. Only the current block is on the device; captured activations live on the
-offload device (the CPU by default). Data-free passes (RTN) skip the forward passes entirely.
+Calibration batches run through the embeddings once and block 0's inputs are captured. Then, for each
+block in order: move it to the compute device; let each step collect the statistics it needs and solve
+(``Step.run_block``: a layer at a time, a group of layers sharing an input, or the whole block); run the
+block once more on its inputs to produce the next block's inputs (``Step.observe`` sees each batch's input
+and output there), so every block is calibrated on what the compressed model will really feed it; then
+``on_block`` (the resume checkpoint) and the progress callback. After the last block, ``Step.finish``
+(run by the engine) applies what needs the whole model (a config edit, dropping blocks).
+
+Only the current block is on the device; captured activations live on the offload device (the CPU by
+default). A sweep of data-free steps (RTN, magnitude) captures nothing and runs no forward at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from compress.calibrate.capture import BlockInput, block_output, capture_block_inputs, forward_batch_size
 from compress.core.errors import CompressError
-from compress.passes.base import LayerPass
+from compress.pipeline.groups import BlockGroups, MakeStats, collect_stats, execution_groups
 
 Progress = Callable[[str, int, int], None]
-BlockDone = Callable[[int, nn.Module, list["LayerResult"], "list[torch.Tensor] | None"], None]
+BlockDone = Callable[[int, nn.Module, "BlockContext", "list[Tensor] | None", "list[dict[str, Any] | None]"], None]
 
 
 @dataclass
@@ -42,7 +47,7 @@ def swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def _relative_error(original: torch.Tensor, module: nn.Module) -> float | None:
+def _relative_error(original: Tensor, module: nn.Module) -> float | None:
     dequantized = getattr(module, "dequantized_weight", None)
     if dequantized is None:
         return None
@@ -51,232 +56,176 @@ def _relative_error(original: torch.Tensor, module: nn.Module) -> float | None:
     return (dequantized(torch.float32).to(reference.device) - reference).norm().item() / max(denom, 1e-12)
 
 
-def check_layers(model: nn.Module, plan: Sequence[tuple[LayerPass, list[str]]]) -> None:
-    """Every targeted layer accepts its pass, in an order that can work; fails before any work is done."""
-    from compress.pipeline.stage_order import check_stage_order
+class Step:
+    """One stage as the sweep drives it. The hooks, in the order the sweep calls them:
 
-    check_stage_order(plan)
-    for layer_pass, names in plan:
-        if not names:
-            raise CompressError(f"method {layer_pass.config.method} matched no linear layer (check --ignore)")
-        for name in names:
-            layer_pass.check_layer(name, model.get_submodule(name))
+    ``start(model)`` once before block 0 (plan what to remove; may refuse); per block ``run_block(ctx)``
+    (collect statistics through ``ctx.probe`` / ``ctx.collect``, solve, swap through ``ctx.replace``), then
+    ``observe(index, hidden_in, hidden_out)`` per calibration batch while the block produces the next
+    block's inputs, then ``after_block(index, block)`` (returns JSON the resume checkpoint keeps, handed
+    back through ``restore_block`` on resume); ``finish(model)`` once after the last block (a report
+    entry or None).
+    """
 
+    method: str = ""
+    label: str = "compress blocks"
+    """The progress counter of a sweep made of this step alone."""
+    needs_calibration: bool = True
+    alone: bool = False
+    """Run in a sweep of its own: the step changes shapes (later stages must see the smaller model) or
+    needs every block done before its result applies (dropping blocks)."""
+    one_sample_forwards: bool = False
+    """Calibrate with one sample per forward instead of batches: the structured steps keep the batching
+    their outputs were made with (batched forwards change their float sums, hence their bytes)."""
+    observes_outputs: bool = False
+    """``observe`` needs the outputs of every block, the last one included."""
 
-def _by_block(names: list[str], block_path: str) -> dict[int, list[str]]:
-    grouped: dict[int, list[str]] = {}
-    prefix = f"{block_path}."
-    for name in names:
-        if not name.startswith(prefix):
-            raise CompressError(f"layer {name} is outside the blocks at {block_path}")
-        grouped.setdefault(int(name[len(prefix):].split(".", 1)[0]), []).append(name)
-    return grouped
+    def start(self, model: nn.Module) -> None:  # noqa: B027 (optional hook)
+        """Before block 0, on the model as earlier sweeps left it."""
+
+    def run_block(self, ctx: BlockContext) -> None:  # noqa: B027
+        """Collect statistics and solve for one block."""
+
+    def observe(self, index: int, hidden_in: Tensor, hidden_out: Tensor) -> None:  # noqa: B027
+        """One calibration batch through the finished block (tensors on the compute device)."""
+
+    def after_block(self, index: int, block: nn.Module) -> dict[str, Any] | None:
+        """The block is done: what the checkpoint must keep to resume after it (JSON-serialisable), or None."""
+        return None
+
+    def restore_block(self, index: int, block: nn.Module, state: dict[str, Any] | None) -> None:  # noqa: B027
+        """A resumed run restored block ``index`` from the checkpoint: take back what ``after_block`` gave."""
+
+    def finish(self, model: nn.Module) -> dict[str, Any] | None:
+        """After the last block (or after restoring every block): apply whole-model changes, report."""
+        return None
 
 
 @dataclass
-class BlockGroups:
-    """The targeted layers of one block grouped by shared input, in call order, and whether a group's
-    statistics may be collected by a forward that stops as soon as the group's last layer is reached."""
+class BlockContext:
+    """One block being swept, with the helpers steps use to calibrate and swap its layers."""
 
-    groups: list[list[str]]
-    stop_early: bool
-    """True when every layer was called exactly once in the probing forward: then nothing after the
-    group's layers can influence their inputs, so the rest of the block need not run."""
+    model: nn.Module
+    index: int
+    prefix: str
+    """The block's full module name (``model.layers.3``)."""
+    block: nn.Module
+    inputs: list[BlockInput]
+    device: torch.device
+    store: torch.device
+    early_exit: bool
+    true_sequential: bool
+    calibrated: bool
+    """Whether this sweep captured calibration inputs (so later forwards will run through the block)."""
+    results: list[LayerResult] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    """Full names of every module swapped in this block (what the checkpoint must be able to rebuild)."""
+    held: list[nn.Module] = field(default_factory=list)
 
+    def probe(self, names: list[str], *, with_readers: bool = False) -> BlockGroups:
+        """Group ``names`` by shared input in call order, from one forward (``groups.execution_groups``)."""
+        found = execution_groups(self.model, self.block, names, self.inputs[0], self.device,
+                                 with_readers=self.prefix if with_readers else None)
+        found.stop_early = found.stop_early and self.early_exit
+        return found
 
-def execution_groups(model: nn.Module, block: nn.Module, names: list[str], sample: BlockInput,
-                     device: torch.device) -> BlockGroups:
-    """``names`` grouped by shared input, in the order the block calls them.
+    def collect(self, make_stats: MakeStats, group: list[str], *, stop_early: bool,
+                shared_within: list[list[str]] | None = None) -> dict[str, Any]:
+        return collect_stats(self.model, self.block, make_stats, group, self.inputs, self.device,
+                             stop_early=stop_early, shared_within=shared_within)
 
-    Layers fed the same tensor (q/k/v; gate/up) form one group, calibrated together; a later group sees
-    the outputs of earlier, already-compressed groups. Learned from one forward pass, so no per-family table.
-    """
-    order: list[str] = []
-    seen_input: dict[str, torch.Tensor] = {}  # holds every input alive, so no two can share an address
-    calls: dict[str, int] = {}
-    handles = []
-    for name in names:
-        def hook(module, inputs, output, name=name):
-            calls[name] = calls.get(name, 0) + 1
-            if name not in seen_input:
-                seen_input[name] = inputs[0]
-                order.append(name)
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        block_output(block, sample.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    for name in order:
-        x = seen_input[name]
-        previous = seen_input[groups[-1][0]] if groups else None
-        same = previous is not None and (x is previous or (
-            x.data_ptr() == previous.data_ptr() and x.shape == previous.shape and x.stride() == previous.stride()))
-        if same:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    missing = [n for n in names if n not in seen_input]
-    if missing:  # never called during the forward (e.g. an unused branch): compress it last on no data
-        groups.append(missing)
-    return BlockGroups(groups, stop_early=not missing and all(count == 1 for count in calls.values()))
+    def replace(self, name: str, replacement: nn.Module, *, original: Tensor, method: str, scheme: str,
+                record: bool = True) -> None:
+        """Swap ``replacement`` in at ``name`` and (``record``) report it against the ``original`` weight.
+        A quantized replacement keeps a dequantized weight while this block is swept, so the forwards
+        that follow do not unpack its codes again."""
+        if record:
+            out_features, in_features = original.shape
+            self.results.append(LayerResult(name=name, method=method, scheme=scheme, in_features=in_features,
+                                            out_features=out_features,
+                                            rel_weight_error=_relative_error(original, replacement)))
+        swap_module(self.model, name, replacement)
+        self.changed.append(name)
+        if self.calibrated and hasattr(replacement, "hold_dense_weight"):
+            replacement.hold_dense_weight(original.dtype)
+            self.held.append(replacement)
 
+    def outputs(self) -> list[Tensor]:
+        """The block's outputs now, one per calibration batch, on the offload device."""
+        return [block_output(self.block, item.to(self.device)).to(self.store) for item in self.inputs]
 
-class _GroupSeen(Exception):
-    """Raised once every layer of the group being calibrated has received its input."""
-
-
-def _calibrate_group(model: nn.Module, block: nn.Module, layer_pass: LayerPass, group: list[str],
-                     inputs: list[BlockInput], device: torch.device, *, stop_early: bool,
-                     shared_within: list[list[str]] | None = None) -> dict[str, object]:
-    """Feed each layer's calibration inputs to its statistics, one forward per calibration batch.
-
-    With ``stop_early`` the forward ends at the group's last layer (before it computes), so the q/k/v
-    group costs a norm rather than a whole block, and only the last group runs (almost) all of it.
-    ``shared_within``: the sets of layers known to read one tensor (default: the whole ``group``)."""
-    stats = {name: layer_pass.make_stats(name, model.get_submodule(name)) for name in group}
-    # layers of a group read the same tensor, so one accumulator per kind of statistic serves them all
-    # (q/k/v share one Hessian, gate/up another): the same numbers for a fraction of the products
-    for members in shared_within if shared_within is not None else [group]:
-        owners: dict[object, object] = {}
-        for name in members:
-            stat = stats[name]
-            key = stat.share_key() if hasattr(stat, "share_key") else None
-            if key is None:
-                continue
-            if key in owners:
-                stats[name] = owners[key]
-            else:
-                owners[key] = stat
-    pending: set[str] = set()
-    handles = []
-    fed: set[int] = set()
-    for name, stat in stats.items():
-        if stat is not None and id(stat) in fed:
-            stat = None  # an alias: its owner is fed from the same input
-        elif stat is not None:
-            fed.add(id(stat))
-
-        def hook(module, args, stat=stat, name=name):
-            if stat is not None:
-                stat.add_batch(args[0].detach())
-            if stop_early:
-                pending.discard(name)
-                if not pending:
-                    raise _GroupSeen
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        for item in inputs:
-            pending.update(group)
-            try:
-                block_output(block, item.to(device))
-            except _GroupSeen:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
+    def release(self) -> None:
+        for module in self.held:
+            module.drop_dense_weight()
+        self.held.clear()
 
 
-def run_layerwise(model: nn.Module, block_path: str, blocks: nn.ModuleList,
-                  plan: Sequence[tuple[LayerPass, list[str]]], *, device: torch.device,
-                  input_ids: torch.Tensor | None = None, offload: torch.device | None = None,
-                  prepare_block: Callable[[int], None] | None = None,
-                  progress: Progress | None = None, start_block: int = 0,
-                  start_hidden: list[torch.Tensor] | None = None,
-                  on_block: BlockDone | None = None, early_exit: bool = True,
-                  true_sequential: bool = True) -> list[LayerResult]:
-    """Apply each pass to its layers, block by block, swapping in the modules the passes return.
+def sweep(model: nn.Module, block_path: str, steps: Sequence[Step], *, device: torch.device,
+          input_ids: Tensor | None = None,
+          offload: torch.device | None = None, prepare_block: Callable[[int], None] | None = None,
+          progress: Progress | None = None, start_block: int = 0, start_hidden: list[Tensor] | None = None,
+          on_block: BlockDone | None = None, early_exit: bool = True,
+          true_sequential: bool = True) -> list[LayerResult]:
+    """Run ``steps`` on the blocks at ``block_path`` (``models.blocks.find_blocks``, found once on the
+    uncompressed model), block by block, each step's hooks in stage order within a block; returns the records.
 
     ``prepare_block(i)`` is called right before block ``i`` is used (streaming loads read its weights then).
-    Resuming (``compress.pipeline.resume``): blocks before ``start_block`` are already compressed and are
-    skipped; ``start_hidden`` are the inputs of block ``start_block``. ``on_block(i, block, results,
-    next_hidden)`` runs after each block is done and before its progress is reported, so a checkpoint
-    written there survives an interrupt raised by the progress callback.
+    Resuming (``compress.pipeline.engine``): blocks before ``start_block`` are already done and skipped;
+    ``start_hidden`` are the inputs of block ``start_block``. ``on_block(i, block, ctx, next_hidden, states)`` runs
+    after each block is done and before its progress is reported, so a checkpoint written there survives an
+    interrupt raised by the progress callback.
 
-    ``true_sequential`` (default): each group is calibrated on inputs produced by the already-compressed
-    groups before it. Off, every group's statistics come from one forward on the block's inputs, as
-    llm-compressor and the GPTQ reference do: two forwards per batch instead of one per group plus one.
+    ``true_sequential``: each group of a block is calibrated on inputs produced by the already-compressed
+    groups before it. Off (the default of recipes), every group's statistics come from one forward on the
+    block's inputs, as llm-compressor and the GPTQ reference do.
 
     Cost per block, with ``B`` calibration batches (``forward_batch_size`` samples each): one probing
     forward, then per group ``B`` forwards that stop at the group (``early_exit``; off, each is a full
-    block), then ``B`` full forwards to propagate. Quantized layers keep a dequantized weight while their
-    block is being swept, so the later forwards do not unpack codes again.
+    block), then ``B`` full forwards to propagate.
     """
-    calibrated = any(p.needs_calibration for p, _ in plan)
+    blocks = model.get_submodule(block_path)
+    calibrated = any(step.needs_calibration for step in steps)
     inputs: list[BlockInput] = []
     if calibrated:
         if input_ids is None:
             raise CompressError("this method needs calibration data")
-        batch = forward_batch_size(input_ids.shape[0], input_ids.shape[1])
+        batch = 1 if any(s.one_sample_forwards for s in steps) else forward_batch_size(*input_ids.shape[:2])
         inputs = capture_block_inputs(model, blocks, input_ids, device=device, offload=offload, batch_size=batch,
                                       progress=progress)
         if start_hidden is not None:  # the masks and rotary arguments are recomputed; the hidden states restored
             inputs = [item.with_hidden(h) for item, h in zip(inputs, start_hidden, strict=True)]
-    per_pass = [(p, _by_block(names, block_path)) for p, names in plan]
+    label = steps[0].label if len(steps) == 1 else Step.label
+    observers = [step for step in steps if type(step).observe is not Step.observe]
     results: list[LayerResult] = []
-    held: list[nn.Module] = []  # quantized layers of the current block keeping a dequantized weight
     total = len(blocks)
     store = offload or torch.device("cpu")
     for index, block in enumerate(blocks):
         if index < start_block:
             continue
-        done_before = len(results)
         if prepare_block is not None:
             prepare_block(index)
         home = next((p.device for p in block.parameters()), torch.device("cpu"))
         block.to(device)
-        for layer_pass, by_block in per_pass:
-            names = by_block.get(index, [])
-            if not names:
-                continue
-            if layer_pass.needs_calibration:
-                found = execution_groups(model, block, names, inputs[0], device)
-                groups, stop_early = found.groups, found.stop_early and early_exit
-            else:
-                groups, stop_early = [names], False
-            if layer_pass.needs_calibration and not true_sequential and len(groups) > 1:
-                # every group's statistics from one forward on the block's (uncompressed) inputs
-                everything = [name for group in groups for name in group]
-                one = _calibrate_group(model, block, layer_pass, everything, inputs, device, stop_early=stop_early,
-                                       shared_within=groups)
-                precomputed = [{name: one[name] for name in group} for group in groups]
-            else:
-                precomputed = None
-            for number, group in enumerate(groups):
-                if precomputed is not None:
-                    stats = precomputed[number]
-                elif layer_pass.needs_calibration:
-                    stats = _calibrate_group(model, block, layer_pass, group, inputs, device, stop_early=stop_early)
-                else:
-                    stats = {}
-                for name in group:
-                    linear = model.get_submodule(name)
-                    original = linear.weight.detach()
-                    replacement = layer_pass.apply(name, linear, stats.get(name))
-                    results.append(LayerResult(
-                        name=name, method=layer_pass.config.method, scheme=layer_pass.describe(),
-                        in_features=linear.in_features, out_features=linear.out_features,
-                        rel_weight_error=_relative_error(original, replacement),
-                    ))
-                    swap_module(model, name, replacement)
-                    if calibrated and hasattr(replacement, "hold_dense_weight"):
-                        replacement.hold_dense_weight(original.dtype)
-                        held.append(replacement)
-                for stat in {id(s): s for s in stats.values() if s is not None}.values():
-                    if hasattr(stat, "free"):  # after the whole group: members may share one accumulator
-                        stat.free()
-        if calibrated and index + 1 < total:
-            inputs = [item.with_hidden(block_output(block, item.to(device)).to(store)) for item in inputs]
-        for module in held:
-            module.drop_dense_weight()
-        held.clear()
+        ctx = BlockContext(model, index, f"{block_path}.{index}", block, inputs, device, store, early_exit,
+                           true_sequential, calibrated)
+        for step in steps:
+            step.run_block(ctx)
+        propagate = calibrated and index + 1 < total
+        if calibrated and (propagate or any(s.observes_outputs for s in steps)):
+            outputs = []
+            for item in inputs:
+                moved = item.to(device)
+                hidden = block_output(block, moved)
+                for step in observers:
+                    step.observe(index, moved.hidden, hidden)
+                outputs.append(item.with_hidden(hidden.to(store)))
+            inputs = outputs
+        ctx.release()
         block.to(home)
+        results.extend(ctx.results)
+        states = [step.after_block(index, block) for step in steps]
         if on_block is not None:
-            propagated = calibrated and index + 1 < total
-            on_block(index, block, results[done_before:], [item.hidden for item in inputs] if propagated else None)
+            on_block(index, block, ctx, [item.hidden for item in inputs] if propagate else None, states)
         if progress is not None:
-            progress("compress blocks", index + 1, total)
+            progress(label, index + 1, total)
     return results
