@@ -142,6 +142,16 @@ class StorageCodec(Codec):
 
     storage_cls: ClassVar[type[WeightStorage]]
 
+    @staticmethod
+    def scheme_group(scheme: QuantScheme | None, *, actorder: str | None = None,
+                     observer: str | None = "minmax") -> dict[str, Any]:
+        """The config group of ``scheme`` without targets (the exporter adds them): what every
+        quantized-weights layout writes as its ``config``."""
+        assert scheme is not None
+        group = scheme.to_config_group([], actorder=actorder, observer=observer or "minmax")
+        group.pop("targets")
+        return group
+
     def read(self, prefix: str, tensors: Mapping[str, Tensor], scheme: QuantScheme, **options: Any) -> WeightStorage:
         """The validated storage of layer ``prefix``."""
         self.check(scheme, f"layer {prefix}: ")

@@ -94,10 +94,7 @@ class FloatQuantizedCodec(StorageCodec):
         return UnpackedWeight(fp8_codes(weight, stored, scheme), stored, None, None, scheme)
 
     def config(self, scheme: QuantScheme | None, *, observer: str | None = "minmax", **_: Any) -> dict[str, Any]:
-        assert scheme is not None
-        group = scheme.to_config_group([], observer=observer or "minmax")
-        group.pop("targets")
-        return group
+        return self.scheme_group(scheme, observer=observer)
 
     def header_shape(self, prefix: str, meta: HeaderMeta, scheme: QuantScheme | None,
                      values: Mapping[str, list[int]]) -> tuple[int, int]:

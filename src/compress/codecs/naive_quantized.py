@@ -73,10 +73,7 @@ class NaiveQuantizedCodec(StorageCodec):
 
     def config(self, scheme: QuantScheme | None, *, actorder: str | None = None,
                observer: str | None = "minmax", **_: Any) -> dict[str, Any]:
-        assert scheme is not None
-        group = scheme.to_config_group([], actorder=actorder, observer=observer or "minmax")
-        group.pop("targets")
-        return group
+        return self.scheme_group(scheme, actorder=actorder, observer=observer)
 
     def header_shape(self, prefix: str, meta: HeaderMeta, scheme: QuantScheme | None,
                      values: Mapping[str, list[int]]) -> tuple[int, int]:

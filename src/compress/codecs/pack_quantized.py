@@ -41,11 +41,7 @@ class PackQuantizedCodec(StorageCodec):
                observer: str | None = "minmax", has_g_idx: bool = False) -> dict[str, Any]:
         """A config group without targets. ``has_g_idx``: the layers carry ``weight_g_idx``, which only the
         ``actorder: group`` form explains (readers of ``weight`` ordering expect contiguous groups)."""
-        assert scheme is not None
-        group = scheme.to_config_group([], actorder="group" if has_g_idx else actorder,
-                                       observer=observer or "minmax")
-        group.pop("targets")
-        return group
+        return self.scheme_group(scheme, actorder="group" if has_g_idx else actorder, observer=observer)
 
     def header_shape(self, prefix: str, meta: HeaderMeta, scheme: QuantScheme | None,
                      values: Mapping[str, list[int]]) -> tuple[int, int]:
