@@ -287,3 +287,16 @@ def test_mixed_schemes_export_as_several_config_groups(llama_dir, corpus, tmp_pa
     loaded = compress.load(out)
     assert loaded.get_submodule("model.layers.0.mlp.down_proj").scheme.group_size == 128
     assert loaded.get_submodule("model.layers.0.self_attn.q_proj").scheme.group_size == -1
+
+
+def test_method_flag_starts_from_that_methods_preset(llama_dir, corpus, tmp_path):
+    """``--method rtn`` means RTN's defaults (min/max scales, as ``--help`` says), not GPTQ's preset with the
+    method swapped (which kept the MSE clipping search); an explicit ``--observer`` still wins."""
+    def stage(*extra: str) -> dict:
+        result = invoke(quantize_args(llama_dir, corpus, tmp_path / "dry", "--dry-run", *extra))
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["recipe"]["stages"][0]
+
+    assert stage("--method", "rtn")["observer"] == "minmax"
+    assert stage("--method", "rtn", "--observer", "mse")["observer"] == "mse"
+    assert stage()["observer"] == "mse"  # the default gptq preset

@@ -99,3 +99,33 @@ def test_corrupt_safetensors_is_bad_input(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 4)
     with pytest.raises(CompressError):
         safetensors_header_meta(tmp_path)
+
+
+def test_component_bytes_follow_each_layers_codec():
+    """Which leaves are codes is the codec's to say: an FP8 layer's codes sit in ``P.weight`` (a name a dense
+    layer also has), a sparse layer's kept values are dense values, and an unclaimed ``weight`` is dense."""
+    meta = {
+        "fp8.weight": ("F8_E4M3", [4, 16]),  # 64 bytes of codes
+        "fp8.weight_scale": ("F32", [4, 1]),  # 16
+        "fp8.bias": ("F32", [4]),  # 16, dense
+        "sp.compressed": ("F32", [8]),  # 32, kept values: dense
+        "sp.bitmask": ("U8", [4, 2]),  # 8, index
+        "sp.row_offsets": ("I64", [4]),  # 32, index
+        "sp.shape": ("I64", [2]),  # 16
+        "plain.weight": ("F32", [2, 2]),  # 16
+    }
+    assert weights_bytes_by_component(meta) == {"quantized weights": 64, "scales/zeros": 16 + 8 + 32 + 16,
+                                                "dense": 16 + 32 + 16}
+
+
+def test_packed_tensors_without_config_go_to_compress_load(tmp_path):
+    """A folder holding any registered layout's tensors but no quantization_config is routed to compress.load
+    (which refuses it in one sentence), never to transformers' random init; a plain folder is not."""
+    from compress.pipeline.evaluation import is_compressed
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"l.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    assert not is_compressed(tmp_path)
+    save_file({"l.weight": torch.zeros(4, 4, dtype=torch.int8), "l.weight_scale": torch.ones(4, 1)},
+              str(tmp_path / "model.safetensors"))
+    assert is_compressed(tmp_path)

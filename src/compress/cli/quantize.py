@@ -86,5 +86,14 @@ def quantize(
             eval_seq_len=eval_seq_len,
         ),
     }
-    execute_recipe(recipe or "w4a16-gptq", flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
+    execute_recipe(recipe or _preset_for(method), flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
                    as_json=as_json, resume=resume)
+
+
+def _preset_for(method: str | None) -> str:
+    """The built-in recipe a bare ``--method`` starts from: the method's own W4A16 preset when there is one
+    (so ``--method rtn`` gets RTN's defaults, min/max scales, not GPTQ's MSE search), else the default."""
+    from compress.recipes.loader import preset_names
+
+    name = f"w4a16-{method}"
+    return name if method and name in preset_names() else "w4a16-gptq"

@@ -64,6 +64,19 @@ class Codec(ABC):
     """Leaves that only record the true shape (not counted in a layer's bits per weight)."""
     quantized: ClassVar[bool] = True
     """False for layouts of dense values (sparsity): no scheme, and the rebuilt layer is an ``nn.Linear``."""
+    readers: ClassVar[tuple[str, ...]] = (
+        "This folder uses the compressed-tensors `{name}` layout: transformers reads it with the",
+        "`compressed-tensors` package installed (checked against transformers 5.24 + compressed-tensors 0.20):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
+        "```",
+    )
+    """The model card's lines on which readers load a folder in this layout (``{name}`` is filled in), naming
+    only readers the interop tests check; the card adds what depends on the scheme (vLLM, zero points)."""
+    transformers_reads: ClassVar[bool] = True
+    """Whether released transformers + compressed-tensors load this layout (the card's serving notes)."""
 
     # ---- what it can hold ------------------------------------------------------------------------------
     def unsupported(self, scheme: QuantScheme | None) -> str | None:

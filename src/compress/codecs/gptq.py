@@ -186,6 +186,12 @@ class GptqCodec(StorageCodec):
     marker = "qweight"
     leaves = GPTQ_SUFFIXES
     code_leaves = ("qweight",)
+    transformers_reads = False  # only through its GPTQ integration with gptqmodel installed
+    readers = (
+        "This folder uses the GPTQ layout (`quant_method: gptq`, see `quantize_config.json`), with",
+        "contiguous groups (`desc_act: false`): GPTQModel reads it, and transformers reads it through its",
+        "GPTQ integration with `gptqmodel` installed.",
+    )
     scale_leaf = "scales"
     order_leaf = "g_idx"
     storage_cls = PackedWeight

@@ -26,6 +26,14 @@ class SparseBitmaskCodec(Codec):
     marker = "bitmask"
     leaves = BITMASK_SUFFIXES
     code_leaves = ("compressed",)
+    transformers_reads = False
+    readers = (
+        "The pruned layers are stored in compressed-tensors' `sparse-bitmask` layout (kept values plus one",
+        "bit per weight, asked for with `export.sparse_format: bitmask`). Only `compress.load` decodes it",
+        "today: current transformers + compressed-tensors and vLLM cannot, so the weights are deliberately",
+        "not named `model.safetensors` and those readers refuse the folder instead of loading random",
+        "weights. Re-export with the default `sparse_format: dense` for a checkpoint every reader loads.",
+    )
     shape_leaves = ("shape",)
     quantized = False
 

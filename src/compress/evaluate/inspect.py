@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
 from compress.codecs import Codec, layer_plan
-from compress.codecs.base import dtype_bits
 from compress.core.errors import CompressError
 from compress.evaluate.size import (
-    DENSE,
-    QPARAMS,
-    QUANTIZED,
     safetensors_header_meta,
     weights_bytes_by_component,
 )
@@ -56,7 +51,7 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
         fmt = str(options["checkpoint_format"])
     else:
         fmt = quant.get("format", "dense") if isinstance(quant, dict) else "dense"
-    report = _report(folder, config, fmt, layers, meta, set(codecs), _bytes_by_component(meta, codecs))
+    report = _report(folder, config, fmt, layers, meta, set(codecs), weights_bytes_by_component(meta, codecs))
     if sparse:
         report["sparse"] = sparse
     return report
@@ -80,26 +75,6 @@ def _report(folder: Path, config: dict, fmt: str, layers: list[dict[str, Any]],
         "bytes_by_component": by_component,
         "total_bytes": sum(by_component.values()),
     }
-
-
-def _bytes_by_component(meta: dict[str, tuple[str, list[int]]], codecs: dict[str, Codec]) -> dict[str, int]:
-    """Bytes by component: each stored layer's codec says which of its leaves hold codes (quantized weights,
-    or the kept values of a sparse layer) and which scales, zeros and indices; the rest is dense."""
-    dense = {n: m for n, m in meta.items() if n.rpartition(".")[0] not in codecs}
-    out = weights_bytes_by_component(dense)
-    for name, (dtype, shape) in meta.items():
-        prefix, _, leaf = name.rpartition(".")
-        codec = codecs.get(prefix)
-        if codec is None:
-            continue
-        size = math.ceil(math.prod(shape) * dtype_bits(dtype) / 8)
-        if leaf in codec.code_leaves:
-            out[QUANTIZED if codec.quantized else DENSE] += size
-        elif leaf in codec.leaves:
-            out[QPARAMS] += size
-        else:  # a bias rides along, dense
-            out[DENSE] += size
-    return out
 
 
 def _shape_values(folder: Path, plan) -> dict[str, list[int]]:

@@ -8,18 +8,18 @@ The breakdown reads safetensors headers only, so it costs nothing on a 70B check
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from compress.codecs import Codec, all_codecs
 from compress.core.errors import CompressError
 
 QUANTIZED = "quantized weights"
 QPARAMS = "scales/zeros"
 DENSE = "dense"
-
-_QPARAM_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 
 # safetensors header dtype names (get_dtype()) and torch spellings, to bytes per element.
 _DTYPE_BYTES: dict[str, float] = {
@@ -80,26 +80,43 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-def _component(name: str) -> str:
-    if name.endswith("weight_packed"):
-        return QUANTIZED
-    if name.endswith(_QPARAM_SUFFIXES):
-        return QPARAMS
-    return DENSE
+def stored_layers(names: Iterable[str]) -> dict[str, Codec]:
+    """Layer prefix → the registered codec whose layout stores it, from tensor names alone (the first codec
+    in registration order that claims the layer: ``naive-quantized`` and ``float-quantized`` store the same
+    leaves, and both count codes and scales alike)."""
+    names = set(names)
+    found: dict[str, Codec] = {}
+    for codec in all_codecs():
+        for prefix in codec.layers(names):
+            found.setdefault(prefix, codec)
+    return found
 
 
-def weights_bytes_by_component(tensors_meta: dict[str, tuple[str, list[int]]]) -> dict[str, int]:
-    """Bytes grouped into quantized weights, their scales/zeros, and everything left dense.
+def weights_bytes_by_component(tensors_meta: Mapping[str, tuple[str, list[int]]],
+                               codecs: Mapping[str, Codec] | None = None) -> dict[str, int]:
+    """Bytes grouped into quantized weights, their scales/zeros/indices, and everything left dense.
 
-    All three keys are always present so reports have a stable shape. Element sizes below a byte
-    (F4) are rounded up per tensor, as safetensors stores them.
-    """
+    Each stored layer's codec (``codecs``: prefix → codec, found from the tensor names when not given) says
+    which of its leaves hold codes (the quantized weights, or the kept values of a sparse layer, which count
+    as dense) and which hold scales, zeros and indices; every other tensor is dense. All three keys are always
+    present so reports have a stable shape. Element sizes below a byte (F4) are rounded up per tensor, as
+    safetensors stores them."""
+    if codecs is None:
+        codecs = stored_layers(tensors_meta)
     out = {QUANTIZED: 0, QPARAMS: 0, DENSE: 0}
     for name, (dtype, shape) in tensors_meta.items():
         key = str(dtype).removeprefix("torch.")
         if key not in _DTYPE_BYTES:
             raise CompressError(f"tensor {name} has an unknown dtype {dtype!r}")
-        out[_component(name)] += math.ceil(math.prod(shape) * _DTYPE_BYTES[key])
+        size = math.ceil(math.prod(shape) * _DTYPE_BYTES[key])
+        prefix, _, leaf = name.rpartition(".")
+        codec = codecs.get(prefix)
+        if codec is not None and leaf in codec.code_leaves:
+            out[QUANTIZED if codec.quantized else DENSE] += size
+        elif codec is not None and leaf in codec.leaves:
+            out[QPARAMS] += size
+        else:  # dense layers, norms, embeddings, and a stored layer's bias
+            out[DENSE] += size
     return out
 
 

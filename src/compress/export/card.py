@@ -14,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from compress.codecs import CODECS, Codec
+
 CARD_NAME = "README.md"
 
 _METRICS = (  # eval key → row label, in the order a reader wants them
@@ -94,14 +96,6 @@ def _load_section(fmt: str, recipe: dict[str, Any] | None = None) -> list[str]:
         "```",
         "",
     ]
-    if fmt == "sparse-bitmask":
-        return lines + [
-            "The pruned layers are stored in compressed-tensors' `sparse-bitmask` layout (kept values plus one",
-            "bit per weight, asked for with `export.sparse_format: bitmask`). Only `compress.load` decodes it",
-            "today: current transformers + compressed-tensors and vLLM cannot, so the weights are deliberately",
-            "not named `model.safetensors` and those readers refuse the folder instead of loading random",
-            "weights. Re-export with the default `sparse_format: dense` for a checkpoint every reader loads.",
-        ]
     if fmt == "dense":
         return lines + [
             "This folder is a plain transformers checkpoint (no `quantization_config`; pruned weights are",
@@ -109,21 +103,12 @@ def _load_section(fmt: str, recipe: dict[str, Any] | None = None) -> list[str]:
             "`AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")`. Zeros are computed densely,",
             "so pruning shrinks nothing at run time without a sparse kernel.",
         ]
+    codec = CODECS.get(fmt) if fmt in CODECS else None  # None: several layouts (mixed-precision)
+    lines += [line.format(name=fmt) for line in (codec.readers if codec is not None else Codec.readers)]
+    if codec is not None and not codec.quantized:
+        return lines
     if fmt == "gptq":
-        return lines + [
-            "This folder uses the GPTQ layout (`quant_method: gptq`, see `quantize_config.json`), with",
-            "contiguous groups (`desc_act: false`): GPTQModel reads it, and transformers reads it through its",
-            "GPTQ integration with `gptqmodel` installed.",
-        ] + (_VLLM if _vllm_serves(recipe) else [])
-    lines += [
-        f"This folder uses the compressed-tensors `{fmt}` layout: transformers reads it with the",
-        "`compressed-tensors` package installed (checked against transformers 5.24 + compressed-tensors 0.20):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
-        "```",
-    ]
+        return lines + (_VLLM if _vllm_serves(recipe) else [])
     if fmt == "pack-quantized" and _vllm_serves(recipe):
         lines += _VLLM
     if recipe is not None and _asymmetric(recipe):

@@ -45,14 +45,17 @@ def is_compressed(path: str | Path) -> bool:
 
 
 def _has_packed_tensors(folder: Path) -> bool:
-    """Packed tensors without a quantization_config must reach ``compress.load`` (which refuses them), not
-    transformers (which would run the architecture on uninitialised weights)."""
+    """Tensors of a compressed layout without a quantization_config must reach ``compress.load`` (which
+    refuses them), not transformers (which would run the architecture on uninitialised weights). Which names
+    make a layout is each registered codec's to say (``Codec.claims``), so a new layout is covered too."""
     from safetensors import SafetensorError, safe_open
+
+    from compress.evaluate.size import stored_layers
 
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:
-                if any(k.endswith((".weight_packed", ".qweight", ".bitmask")) for k in handle.keys()):  # noqa: SIM118
+                if stored_layers(handle.keys()):
                     return True
         except (SafetensorError, OSError):
             return True  # let compress.load name the broken file
