@@ -197,3 +197,84 @@ class InputNormStats:
 
     def free(self) -> None:
         self._sq_norms = None
+
+
+class InputSampleStats:
+    """Mean ``|x|`` per input channel over every calibration token, plus a bounded uniform sample of input
+    rows: what a scale search (AWQ) needs to score candidates by the layer's output error, not only its
+    Hessian.
+
+    The sample is a bottom-k reservoir: every incoming row draws a key from a generator seeded with
+    ``seed``, and the ``max_rows`` rows with the smallest keys are kept. That is a uniform sample without
+    replacement of all rows seen so far, whatever the batch sizes, and the same inputs in the same order
+    give the same sample (ties in keys are broken by arrival order). Memory is bounded by ``max_rows ×
+    in_features`` values, kept in the input's dtype (a bfloat16 model stores half of what float32 would).
+    Storage lives on the device of the first batch, like ``HessianStats``.
+    """
+
+    def __init__(self, in_features: int, max_rows: int = 4096, seed: int = 0) -> None:
+        if in_features <= 0:
+            raise CompressError(f"input statistics need a positive input width, got {in_features}")
+        if max_rows <= 0:
+            raise CompressError(f"the input sample needs room for at least one row, got {max_rows}")
+        self.in_features = in_features
+        self.max_rows = max_rows
+        self.seed = seed
+        self.tokens = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._abs_sum: Tensor | None = None
+        self._rows: Tensor | None = None
+        self._keys: Tensor | None = None  # float64 on the CPU, one per kept row
+        self._freed = False
+
+    def add_batch(self, x: Tensor) -> None:
+        if self._freed:
+            raise CompressError("these calibration statistics were already freed")
+        if x.shape[-1] != self.in_features:
+            raise CompressError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
+        x = x.detach().reshape(-1, self.in_features)
+        m = x.shape[0]
+        if m == 0:
+            return
+        if self._abs_sum is None:
+            self._abs_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
+        self._abs_sum.add_(x.abs().sum(dim=0, dtype=torch.float64).to(self._abs_sum.device))
+        keys = torch.rand(m, generator=self._generator, dtype=torch.float64)
+        rows = x.to(self._abs_sum.device)
+        if self._rows is not None:
+            assert self._keys is not None
+            keys, rows = torch.cat([self._keys, keys]), torch.cat([self._rows, rows])
+        if keys.shape[0] > self.max_rows:
+            keep = torch.sort(keys, stable=True).indices[: self.max_rows]
+            keep = torch.sort(keep).values  # kept rows stay in arrival order
+            keys, rows = keys[keep], rows[keep.to(rows.device)]
+        self._keys, self._rows = keys, rows.clone() if self._rows is None else rows
+        self.tokens += m
+
+    @property
+    def mean_abs(self) -> Tensor:
+        """Mean ``|x_j|`` over every token seen (float32 ``[in]``; zeros before any batch)."""
+        self._check()
+        if self._abs_sum is None or self.tokens == 0:
+            return torch.zeros(self.in_features, dtype=torch.float32)
+        return (self._abs_sum / self.tokens).to(torch.float32)
+
+    @property
+    def rows(self) -> Tensor:
+        """The sampled input rows ``[min(tokens, max_rows), in]`` in the input's dtype, in arrival order."""
+        self._check()
+        if self._rows is None:
+            return torch.zeros(0, self.in_features, dtype=torch.float32)
+        return self._rows
+
+    def _check(self) -> None:
+        if self._freed:
+            raise CompressError("these calibration statistics were already freed")
+
+    def share_key(self) -> tuple:
+        """Layers reading one tensor may share one sample (same seed and size: the same numbers)."""
+        return (type(self), self.in_features, self.max_rows, self.seed)
+
+    def free(self) -> None:
+        self._abs_sum = self._rows = self._keys = None
+        self._freed = True
