@@ -40,12 +40,14 @@ def check_stage_order(plan: Sequence[tuple[Pass, Sequence[str]]], producers: Map
             clash = [name for name in dict.fromkeys(touched) if name in quantized_by]
             if clash:
                 earlier = quantized_by[clash[0]]
+                before = plan[earlier][0].config.method
+                advice = (f"put {method} before {before}" if layer_pass.rewrites_producers  # a scaling stage
+                          else "put pruning before quantization, merge the quantize stages, or split the layers "
+                               "between stages with ignore patterns")
                 raise CompressError(
                     f"stage {index} ({method}) rewrites {clash[0]}"
                     f"{f' and {len(clash) - 1} more layers' if len(clash) > 1 else ''}, which stage {earlier} "
-                    f"({plan[earlier][0].config.method}) already quantized; a layer is quantized once, so put "
-                    "pruning before quantization, merge the quantize stages, or split the layers between "
-                    "stages with ignore patterns")
+                    f"({before}) already quantized; a layer is quantized once, so {advice}")
         if layer_pass.quantizes():
             for name in names:
                 quantized_by.setdefault(name, index)
