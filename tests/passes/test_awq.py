@@ -170,6 +170,17 @@ def test_no_producer_at_all_is_refused_in_one_sentence():
     assert "\n" not in str(e.value) and "model.layers.0.self_attn.o_proj" in str(e.value)
 
 
+def test_cli_refuses_awq_without_producers_exit_2_nothing_written(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "llama")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["quantize", str(model_dir), "--method", "awq", "--bits", "4", "--group-size", "32",
+                                 "--ignore", "lm_head", "--ignore", "re:.*(q|k|v|gate|up|down)_proj",
+                                 "--num-samples", "2", "--seq-len", "16", "--no-eval", "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "plain round-to-nearest" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_same_inputs_same_bytes():
     outputs = []
     for _ in range(2):
