@@ -110,12 +110,12 @@ def test_card_describes_the_layout_it_was_written_in(layout, says):
     from compress.export.card import render_card
 
     recipe = {"stages": [{"method": "structured", "target": "channels", "ratio": 0.25}]}
-    card = render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, layers=[],
+    card = render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, records=[],
                        tool_version="0", layout=layout)
     assert says in card and "# m, compressed (structured)" in card
     assert "vllm serve" not in card  # no quantized 4/8-bit weights: no claim that vLLM serves it
     assert "not evaluated" in card
-    assert card == render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, layers=[],
+    assert card == render_card(source_model="m", recipe=recipe, calibration=None, evaluation=None, records=[],
                                tool_version="0", layout=layout)
 
 
@@ -128,6 +128,6 @@ def test_card_claims_vllm_only_for_what_it_serves(stage, claims_vllm):
     from compress.export.card import render_card
 
     card = render_card(source_model="m", recipe={"stages": [stage]}, calibration=None, evaluation=None,
-                       layers=[], tool_version="0", layout="pack-quantized")
+                       records=[], tool_version="0", layout="pack-quantized")
     assert ("vllm serve" in card) is claims_vllm
     assert ("CompressedTensorsConfig(dequantize=True)" in card) is (stage["symmetric"] is False)

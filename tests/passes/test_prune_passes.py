@@ -13,7 +13,6 @@ from compress.calibrate.stats import HessianStats, InputNormStats
 from compress.core.errors import CompressError
 from compress.core.scheme import QuantScheme
 from compress.core.sparsity import (
-    SPARSITY_ATTR,
     NMPattern,
     from_bitmask,
     nm_mask,
@@ -55,6 +54,11 @@ def _run(method: str, linear: nn.Linear, x: torch.Tensor, **fields) -> nn.Module
     return layer_pass.apply("layer", linear, stats)
 
 
+def _facts(method: str, module: nn.Module, **fields) -> dict:
+    """What the pass records about the layer it returned (the sweep merges it into the layer's record)."""
+    return PASSES.get(method)(PASSES.get(method).config_cls(method=method, **fields)).record_facts("layer", module)
+
+
 def _rel_output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float(((w_hat - w) @ x.T).norm() / (w @ x.T).norm())
 
@@ -66,7 +70,7 @@ def test_exact_sparsity_per_row(method: str, sparsity: float) -> None:
     pruned = _run(method, _layer(), x, sparsity=sparsity)
     zeros = (pruned.weight == 0).sum(dim=1)
     assert torch.all(zeros == round(sparsity * 64)), zeros
-    assert getattr(pruned, SPARSITY_ATTR) == "unstructured"
+    assert _facts(method, pruned, sparsity=sparsity) == {"sparsity": "unstructured"}
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -76,7 +80,7 @@ def test_n_of_every_m(method: str, pattern: str) -> None:
     pruned = _run(method, _layer(), _correlated_inputs(400, 64), pattern=pattern)
     kept = (pruned.weight != 0).reshape(24, 64 // nm.m, nm.m).sum(dim=-1)
     assert torch.all(kept == nm.n)
-    assert getattr(pruned, SPARSITY_ATTR) == pattern
+    assert _facts(method, pruned, pattern=pattern) == {"sparsity": pattern}
 
 
 def test_wanda_uses_input_norms() -> None:
@@ -112,7 +116,8 @@ def test_sparsegpt_joint_quantization_packs_codes_with_exact_zeros() -> None:
     linear = _layer()
     w = linear.weight.detach().clone()
     quant = _run("sparsegpt", linear, x, pattern="2:4", bits=4, group_size=32)
-    assert isinstance(quant, QuantLinear) and getattr(quant, SPARSITY_ATTR) == "2:4"
+    assert isinstance(quant, QuantLinear)
+    assert _facts("sparsegpt", quant, pattern="2:4", bits=4, group_size=32) == {"sparsity": "2:4", "observer": "minmax"}
     w_hat = quant.dequantized_weight(torch.float32)
     assert torch.all((w_hat != 0).reshape(24, 16, 4).sum(-1) <= 2)
     # the survivors are on the 4-bit grid: re-quantizing them with the stored scales changes nothing

@@ -28,7 +28,7 @@ def test_in_memory_rtn_needs_no_data_and_writes_nothing(tmp_path, monkeypatch):
     stages = [{"method": "rtn", "bits": 4, "group_size": 32}]
     assert not needs_calibration(stages)
     model, records = compress_model(model, stages)
-    assert len(records) == 14 and all(r.scheme == "w4g32" for r in records)
+    assert len(records) == 14 and all(r.tags == ("w4g32",) and r.scheme.tag == "w4g32" for r in records)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     assert sorted(os.listdir(tmp_path)) == before
 

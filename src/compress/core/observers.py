@@ -31,13 +31,6 @@ from compress.core.primitives import (
 from compress.core.scheme import QuantScheme
 
 Observer = Literal["minmax", "mse"]
-OBSERVER_ATTR = "compress_observer"
-"""Set on a quantized module by the pass that chose its scales, so the export can name the observer."""
-
-ACTORDER_ATTR = "compress_actorder"
-"""Set by GPTQ when columns were processed in activation order with contiguous groups (``"weight"``), so
-the export can say so; the layout itself (no ``g_idx``) is the same as without act-order."""
-
 OBSERVERS: tuple[str, ...] = ("minmax", "mse")
 
 

@@ -24,9 +24,6 @@ from torch import Tensor
 
 from compress.core.errors import CompressError
 
-SPARSITY_ATTR = "compress_sparsity"
-"""Set on a module whose weight was pruned: the structure string (``"unstructured"`` or ``"2:4"``)."""
-
 BITMASK_SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

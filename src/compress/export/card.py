@@ -2,7 +2,8 @@
 
 Why it is written by the tool and not by hand: a release folder should explain itself to whoever finds
 it on a hub or a disk, and that text must agree with the artifact. It is built only from the recipe,
-the per-layer report and the eval metrics, never from a clock, a host name or the output path, so two
+the layers' records (``compress.core.records``) and the eval metrics, never from a clock, a host name or
+the output path, so two
 runs of the same recipe write the same card, and it is written before ``manifest.json`` so its hash is
 recorded and ``compress verify`` covers it like every other file.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from compress.codecs import CODECS, Codec
+from compress.core.records import LayerRecord
 
 CARD_NAME = "README.md"
 
@@ -41,15 +44,49 @@ def _fmt(key: str, value: Any) -> str:
     return f"{value:.6g}"
 
 
-def _stage_rows(recipe: dict[str, Any], layers: list[dict[str, Any]]) -> list[str]:
+def _stage_tags(records: list[LayerRecord], method: str, nth: int) -> list[str]:
+    """The tag each layer got from the ``nth`` stage running ``method`` (a layer's record keeps every
+    stage's method and tag, in order)."""
+    tags = []
+    for record in records:
+        at = [i for i, m in enumerate(record.methods) if m == method]
+        if len(at) > nth:
+            tags.append(record.tags[at[nth]])
+    return tags
+
+
+def _stage_rows(recipe: dict[str, Any], records: list[LayerRecord]) -> list[str]:
     rows = ["| stage | method | scheme | layers | settings |", "|---|---|---|---|---|"]
-    for index, stage in enumerate(recipe.get("stages") or []):
+    stages = recipe.get("stages") or []
+    for index, stage in enumerate(stages):
         method = stage.get("method", "?")
-        mine = [layer for layer in layers if layer.get("method") == method]
-        schemes = ", ".join(f"{s} ({n})" for s, n in sorted(Counter(str(layer.get("scheme")) for layer in mine).items()))
+        nth = sum(1 for earlier in stages[:index] if earlier.get("method") == method)
+        tags = _stage_tags(records, method, nth)
+        schemes = ", ".join(f"{s} ({n})" for s, n in sorted(Counter(tags).items()))
         settings = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("method", "ignore") and v is not None)
-        rows.append(f"| {index} | {method} | {schemes or '-'} | {len(mine)} | {settings or '-'} |")
+        rows.append(f"| {index} | {method} | {schemes or '-'} | {len(tags)} | {settings or '-'} |")
     return rows
+
+
+def _counted(counter: Counter) -> str:
+    return ", ".join(f"{value} ({n} layer{'s' if n != 1 else ''})" for value, n in sorted(counter.items()))
+
+
+def _record_lines(records: list[LayerRecord]) -> list[str]:
+    """One sentence on what the per-layer records add to the table: patterns, observers, act-order."""
+    facts = []
+    sparsity = Counter(r.sparsity for r in records if r.sparsity is not None)
+    if sparsity:
+        facts.append(f"sparsity {_counted(sparsity)}")
+    observers = Counter(r.observer for r in records if r.observer is not None)
+    if observers:
+        facts.append(f"scales chosen by {_counted(observers)}")
+    ordered = sum(1 for r in records if r.actorder == "weight")
+    if ordered:
+        facts.append(f"columns solved in activation order (`actorder: weight`) in {ordered} layers")
+    if not facts:
+        return []
+    return [f"Per layer (`manifest.json` lists each one): {'; '.join(facts)}.", ""]
 
 
 def layout_of(folder: Path) -> str:
@@ -138,11 +175,14 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
 
 
 def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[str, Any] | None,
-                evaluation: dict[str, Any] | None, layers: list[dict[str, Any]], tool_version: str,
+                evaluation: dict[str, Any] | None,
+                records: Mapping[str, LayerRecord] | Iterable[LayerRecord], tool_version: str,
                 layout: str = "pack-quantized") -> str:
-    """The card's Markdown; a pure function of its arguments (tested for byte-stability)."""
+    """The card's Markdown; a pure function of its arguments (tested for byte-stability). ``records``: one
+    record per compressed layer (``LayerRecords``, or the records themselves)."""
     fmt = layout
-    schemes = sorted({str(layer["scheme"]) for layer in layers if layer.get("scheme")})
+    layers = list(records.values() if isinstance(records, Mapping) else records)
+    schemes = sorted({tag for record in layers for tag in record.tags})
     methods = ", ".join(str(stage.get("method")) for stage in recipe.get("stages") or []) or "no stage"
     ignore = sorted({p for stage in recipe.get("stages") or [] for p in (stage.get("ignore") or [])})
     lines = [
@@ -166,6 +206,7 @@ def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[
         "",
         *_stage_rows(recipe, layers),
         "",
+        *_record_lines(layers),
         f"Layers left dense by pattern: {', '.join(f'`{p}`' for p in ignore)}." if ignore else
         "Layers outside the decoder blocks (embeddings, norms, the LM head) are left dense.",
         "",

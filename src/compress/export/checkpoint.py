@@ -2,15 +2,18 @@
 
 The model's state dict already holds the checkpoint's tensor names (``QuantLinear`` buffers are named like
 its codec's layout, ``compress.codecs``), so writing is: collect tensors, shard them, let each layer's codec
-describe its scheme in ``config.json``. Tensors are written in sorted name order with fixed metadata so that
-the same model gives the same bytes.
+describe its scheme in ``config.json``. What the tensors do not say (which observer chose the scales, the
+activation order, the sparsity pattern) comes from the layers' records (``compress.core.records``: the
+sweep's ``records.layers``, or ``export.load.checkpoint_records`` for a loaded checkpoint); a layer without
+a record was quantized with min/max scales, in order, unpruned. Tensors are written in sorted name order
+with fixed metadata so that the same model gives the same bytes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -19,9 +22,8 @@ from torch import nn
 
 from compress.codecs import CODECS
 from compress.codecs.sparse_bitmask import SPARSE_BITMASK
-from compress.core.observers import ACTORDER_ATTR, OBSERVER_ATTR
+from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
-from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -40,13 +42,23 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 
 
-def sparse_modules(model: nn.Module) -> dict[str, str]:
-    """Pruned layers (dense or quantized) → their sparsity structure (``unstructured``, ``2:4``, ...)."""
-    return {name: getattr(module, SPARSITY_ATTR) for name, module in model.named_modules()
-            if getattr(module, SPARSITY_ATTR, None) is not None}
+Records = Mapping[str, LayerRecord]
+"""Layer name → its record (``LayerRecords``)."""
 
 
-def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense") -> dict[str, torch.Tensor]:
+def sparse_modules(model: nn.Module, records: Records | None = None) -> dict[str, str]:
+    """Pruned layers of ``model`` (dense or quantized) → their sparsity structure (``unstructured``, ``2:4``,
+    ...), as their records say, in module order."""
+    sparse: dict[str, str] = {}
+    for name, _ in model.named_modules() if records else ():
+        record = records.get(name)  # type: ignore[union-attr]
+        if record is not None and record.sparsity is not None:
+            sparse[name] = record.sparsity
+    return sparse
+
+
+def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense",
+                       records: Records | None = None) -> dict[str, torch.Tensor]:
     """Every persistent tensor once: tied parameters keep their first name, and Conv1D-born dense layers go
     back to the Conv1D layout the architecture's own loader expects.
 
@@ -62,7 +74,7 @@ def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense") -> dict[s
         name for name, module in model.named_modules() if getattr(module, "_compress_from_conv1d", False)
     }
     sparse_dense = set() if sparse_format == "dense" else {
-        name for name in sparse_modules(model) if not isinstance(model.get_submodule(name), QuantLinear)}
+        name for name in sparse_modules(model, records) if not isinstance(model.get_submodule(name), QuantLinear)}
     for name, tensor in model.state_dict(keep_vars=False).items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
         if key is not None and key in seen:
@@ -140,9 +152,10 @@ def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
     return paths
 
 
-def quantization_config(model: nn.Module, all_linear_names: Iterable[str],
-                        sparse_format: str = "dense") -> dict | None:
-    """The ``quantization_config`` block of FORMATS.md: one config group per distinct scheme.
+def quantization_config(model: nn.Module, all_linear_names: Iterable[str], sparse_format: str = "dense",
+                        records: Records | None = None) -> dict | None:
+    """The ``quantization_config`` block of FORMATS.md: one config group per distinct scheme, each naming
+    the observer and activation order its first layer's record gives.
 
     A single scheme targets ``Linear`` and lists every other linear layer under ``ignore`` (what
     llm-compressor writes); several schemes target their layers by exact ``re:`` names.
@@ -154,7 +167,8 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str],
     the model card.
     """
     quantized = quantized_modules(model)
-    sparsity = sparsity_config(model) if sparse_format == "bitmask" else {}
+    records = records or {}
+    sparsity = sparsity_config(model, records) if sparse_format == "bitmask" else {}
     if not quantized:
         if not sparsity:
             return None
@@ -169,10 +183,10 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str],
     ignore = sorted(set(all_linear_names) - set(quantized))
     groups = {}
     for index, ((fmt, scheme), names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0])):
-        first = quantized[names[0]]  # provenance marks are read per group, from its first layer
+        first = records.get(names[0])  # how the scales were chosen is read per group, from its first layer
         targets = ["Linear"] if len(by_scheme) == 1 else [f"re:^{_escape(n)}$" for n in names]
-        body = CODECS.get(fmt).config(scheme, actorder=getattr(first, ACTORDER_ATTR, None),
-                                      observer=getattr(first, OBSERVER_ATTR, "minmax"),
+        body = CODECS.get(fmt).config(scheme, actorder=None if first is None else first.actorder,
+                                      observer=(first and first.observer) or "minmax",
                                       has_g_idx=any(getattr(quantized[n], "weight_g_idx", None) is not None for n in names))
         groups[f"group_{index}"] = {"targets": targets, **body, **({"format": fmt} if mixed else {})}
     return {
@@ -187,12 +201,12 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str],
     }
 
 
-def sparsity_config(model: nn.Module) -> dict:
+def sparsity_config(model: nn.Module, records: Records | None = None) -> dict:
     """compressed-tensors' ``sparsity_config``: ``sparse-bitmask`` when dense pruned layers are stored as
     bitmasks, ``dense`` when every pruned layer is quantized (its codes are packed densely; the block then
     only records the pattern, which serving engines read to pick sparse kernels). ``{}`` when nothing is
     pruned. ``global_sparsity`` is the fraction of zeros over the pruned layers."""
-    sparse = sparse_modules(model)
+    sparse = sparse_modules(model, records)
     if not sparse:
         return {}
     zeros = total = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from compress.codecs import Codec, layer_plan
 from compress.codecs.gptq import GPTQ
 from compress.codecs.pack_quantized import PACK_QUANTIZED
 from compress.core.errors import CompressError
+from compress.core.records import FACT_FIELDS, LayerRecord, LayerRecords
 from compress.export.checkpoint import INDEX_NAME, write_weights
 from compress.export.gptq import (
     QUANTIZE_CONFIG_NAME,
@@ -114,8 +116,10 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
     manifest = _read_manifest(source)
     if recipe:  # our own artifact: the card is rewritten for the new layout (a foreign README is copied as is)
         _rewrite_card(source, out_dir, manifest, recipe)
+    layers = manifest.get("layers")  # codes, scales and how they were chosen are unchanged: so are the records
     write_manifest(out_dir, source_model=manifest.get("source_model") or str(source), recipe=recipe,
-                   calibration=manifest.get("calibration"), evaluation=None)
+                   calibration=manifest.get("calibration"), evaluation=None,
+                   layers=layers if isinstance(layers, list) else None)
     return {"source": str(source), "from": origin_format, "to": to, "layers": len(schemes),
             "scheme": next(iter(schemes.values())).tag if schemes else None, "copied": copied, **changes}
 
@@ -152,11 +156,35 @@ def _rewrite_card(source: Path, out_dir: Path, manifest: dict[str, Any], recipe:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         report = {}
     layers = report.get("layers") if isinstance(report, dict) and isinstance(report.get("layers"), list) else []
-    layers = [layer for layer in layers if isinstance(layer, dict) and "scheme" in layer]
     write_card(out_dir, source_model=str(manifest.get("source_model") or source), recipe=recipe,
                calibration=manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else None,
                evaluation=manifest.get("eval") if isinstance(manifest.get("eval"), dict) else None,
-               layers=layers, tool_version=tool_version())
+               records=_source_records(layers, manifest.get("layers")), tool_version=tool_version())
+
+
+def _source_records(report_layers: list[Any], manifest_layers: Any) -> LayerRecords:
+    """The source artifact's layer records, for its card: each stage's entry in ``report.json`` (method, tag,
+    shape, error), merged per layer, with the observer, act-order and sparsity its manifest lists."""
+    stages = []
+    for entry in report_layers:
+        try:
+            stages.append(LayerRecord(name=str(entry["name"]), methods=(str(entry["method"]),),
+                                      tags=(str(entry["scheme"]),), in_features=int(entry["in_features"]),
+                                      out_features=int(entry["out_features"]),
+                                      rel_weight_error=entry.get("rel_weight_error")))
+        except (KeyError, TypeError, ValueError, AttributeError, CompressError):
+            continue  # an entry this version cannot read says nothing the card needs
+    facts: dict[str, dict[str, Any]] = {}
+    for entry in manifest_layers if isinstance(manifest_layers, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            facts[entry["name"]] = {k: entry.get(k) for k in FACT_FIELDS if isinstance(entry.get(k), str)}
+    records = []
+    for name, record in LayerRecords(stages).items():
+        try:
+            records.append(replace(record, **facts.get(name, {})))
+        except CompressError:  # an actorder this version does not know
+            records.append(record)
+    return LayerRecords(records)
 
 
 def _copy_side_files(source: Path, out_dir: Path) -> list[str]:

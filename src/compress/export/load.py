@@ -19,12 +19,18 @@ from torch import nn
 
 from compress.codecs import StoredLayer, check_quant_config, layer_plan, scheme_for
 from compress.core.errors import CompressError
+from compress.core.records import LayerRecord, LayerRecords
+from compress.core.targets import matches_any
 from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear
 from compress.models.safety import check_checkpoint_folder
 
-__all__ = ["build_empty_model", "load", "read_json", "read_tensors", "scheme_for", "weight_files"]
+__all__ = ["build_empty_model", "checkpoint_records", "load", "read_json", "read_tensors", "scheme_for",
+           "weight_files"]
+
+CHECKPOINT_METHOD = "checkpoint"
+"""The origin a loaded layer's record names: what produced it is not in a checkpoint, only what it is."""
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -165,6 +171,31 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
     model.to(target_device)
     model.compress_kernels = apply_kernel(model, kernel)
     return model
+
+
+def checkpoint_records(model: nn.Module, quant_config) -> LayerRecords:
+    """The layer records of a model ``load`` built, from its checkpoint's ``quantization_config``, so it can be
+    re-exported (``export.checkpoint.quantization_config(model, names, records=...)``) with the config it
+    was read from: each quantized layer's scheme and layout as rebuilt, the observer and activation order
+    its config group names (kept in the scheme's weight args on load), and the pattern of the pruned layers
+    ``sparsity_config`` targets. Their origin is ``checkpoint``."""
+    sparsity = quant_config.get("sparsity_config") if isinstance(quant_config, dict) else None
+    targets = sparsity.get("targets") if isinstance(sparsity, dict) else None
+    targets = [t for t in targets if isinstance(t, str)] if isinstance(targets, list) else []
+    structure = sparsity.get("sparsity_structure") if isinstance(sparsity, dict) else None
+    records = []
+    for name, module in model.named_modules():
+        pattern = str(structure or "unstructured") if targets and matches_any(name, targets) else None
+        if isinstance(module, QuantLinear):
+            weights = module.scheme.weights
+            records.append(LayerRecord(name, (CHECKPOINT_METHOD,), (module.scheme.tag,), module.in_features,
+                                       module.out_features, scheme=module.scheme, format=module.format,
+                                       observer=None if weights is None else weights.observer or "minmax",
+                                       actorder=None if weights is None else weights.actorder, sparsity=pattern))
+        elif isinstance(module, nn.Linear) and pattern is not None:
+            records.append(LayerRecord(name, (CHECKPOINT_METHOD,), ("dense",), module.in_features,
+                                       module.out_features, sparsity=pattern))
+    return LayerRecords(records)
 
 
 def _check_model_level(plan: list[StoredLayer], quant_config) -> None:

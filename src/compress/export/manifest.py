@@ -1,7 +1,9 @@
 """``manifest.json``: what is in an output folder and how it was made, so an artifact can be audited.
 
 Hashed content only (no timestamps, no host names): the same recipe on the same inputs writes the same
-manifest. Wall-clock timings are reported on stdout / ``--json`` instead.
+manifest. Wall-clock timings are reported on stdout / ``--json`` instead. ``layers`` lists what was done
+to each layer, from its record (``LayerRecord.summary``: the methods chain, the scheme in words, observer,
+act-order, sparsity pattern, weight error to 6 digits), in the sweep's order.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, *, source_model: str, recipe: dict, calibration: dict | None,
-                   evaluation: dict | None) -> Path:
+                   evaluation: dict | None, layers: list[dict[str, Any]] | None = None) -> Path:
+    """``layers``: the per-layer records' summaries (left out of the manifest when None: nothing known)."""
     manifest = {
         "tool": {"name": TOOL_NAME, "version": tool_version()},
         "libraries": library_versions(),
@@ -65,6 +68,7 @@ def write_manifest(folder: Path, *, source_model: str, recipe: dict, calibration
         "recipe": recipe,
         "calibration": calibration,
         "eval": evaluation,
+        **({} if layers is None else {"layers": layers}),
         "files": file_hashes(folder),
     }
     path = folder / MANIFEST_NAME

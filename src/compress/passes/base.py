@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 
 from compress.core.errors import CompressError
+from compress.core.records import LayerRecord
 from compress.core.registry import Registry
 from compress.core.targets import check_patterns
+from compress.kernels.quant_linear import QuantLinear
 
 if TYPE_CHECKING:
     from compress.passes.groups import Group
@@ -110,6 +112,18 @@ class Pass(ABC):
     def check_layer(self, name: str, linear: nn.Linear) -> None:  # noqa: B027 (optional hook)
         """Raise ``CompressError`` before any work if this layer cannot take the pass (e.g. group size)."""
 
+    def record_facts(self, name: str, module: nn.Module) -> dict[str, Any]:
+        """What the record of layer ``name`` must say about how this pass made ``module`` (what it returned,
+        or left in place, for that layer) that the module itself does not: any of ``observer``, ``actorder``
+        and ``sparsity`` (``compress.core.records``). The sweep reads the scheme, layout and shapes from the
+        module and merges these facts into the layer's record; keys left out keep what earlier stages said.
+
+        The default fits a quantizer whose config has an ``observer`` (min/max when it has none): a new
+        quantizer needs no override. Pruners name their pattern; GPTQ adds ``actorder``."""
+        if not isinstance(module, QuantLinear):
+            return {}
+        return {"observer": getattr(self.config, "observer", None) or "minmax"}
+
 
 class LayerPass(Pass):
     """One method applied layer by layer. Subclasses set ``config_cls`` and implement ``apply``."""
@@ -119,6 +133,12 @@ class LayerPass(Pass):
     @abstractmethod
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         """Return the module that replaces ``linear`` (may be ``linear`` itself, modified)."""
+
+    def apply_layer(self, name: str, linear: nn.Linear, stats: Any | None, prior: LayerRecord | None) -> nn.Module:
+        """What the sweep calls: ``apply``, given also the layer's record so far (``prior``: what earlier
+        stages made of it; None when none touched it). Override to read those facts (GPTQ keeps the zeros
+        of a layer an earlier stage pruned)."""
+        return self.apply(name, linear, stats)
 
 
 class GroupPass(Pass):

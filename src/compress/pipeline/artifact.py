@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from compress.core.errors import CompressError
+from compress.core.records import LayerRecord, LayerRecords
 from compress.evaluate.gates import check_gates
 from compress.evaluate.size import dir_size_bytes
 from compress.export.card import write_card
@@ -53,11 +54,13 @@ def linear_names(model: torch.nn.Module) -> list[str]:
 
 
 def finish_artifact(staging: Path, recipe: Recipe, source: str, *, calibration: dict[str, Any], parameters: int,
-                    results: list, timings: dict[str, float], progress: Progress | None = None,
+                    results: list[LayerRecord], timings: dict[str, float], progress: Progress | None = None,
                     extra_metrics: dict[str, Any] | None = None, extra_report: dict[str, Any] | None = None,
                     ) -> tuple[dict[str, Any], list, int, int, float]:
     """Eval of the exported folder, gates, then report.json, the model card and (last, so it hashes them)
-    manifest.json: the tail every kind of run shares. Returns (metrics, gates, size before, after, ratio)."""
+    manifest.json: the tail every kind of run shares. ``results``: the sweep's per-stage records (``Records``):
+    report.json lists them, the card and the manifest read them merged per layer. Returns (metrics, gates,
+    size before, after, ratio)."""
     tick = time.perf_counter()
     metrics: dict[str, Any] = {}
     if recipe.eval.enabled:
@@ -74,17 +77,18 @@ def finish_artifact(staging: Path, recipe: Recipe, source: str, *, calibration: 
         "parameters": parameters,
         "size_before_bytes": size_before,
         "size_after_bytes": size_after,
-        "layers": [asdict(r) for r in results],
+        "layers": [r.report_entry() for r in results],
         "eval": metrics,
         "gates": [asdict(g) for g in gates],
         **(extra_report or {}),
     }
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     as_recorded = recorded(recipe).model_dump(mode="json")
+    layers = LayerRecords(results)
     write_card(staging, source_model=display_source(source), recipe=as_recorded, calibration=calibration,
-               evaluation=metrics or None, layers=report["layers"], tool_version=tool_version())
+               evaluation=metrics or None, records=layers, tool_version=tool_version())
     write_manifest(staging, source_model=display_source(source), recipe=as_recorded, calibration=calibration,
-                   evaluation=metrics or None)
+                   evaluation=metrics or None, layers=[record.summary() for record in layers.values()])
     return metrics, gates, size_before, size_after, ratio
 
 
@@ -95,17 +99,18 @@ def display_source(source: str) -> str:
 
 
 def write_export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_linears, in_blocks: list[str], *,
-            source: str | None = None) -> None:
+                 source: str | None = None, records: Mapping[str, LayerRecord] | None = None) -> None:
     """Weights, config, generation config, tokenizer, the recorded recipe and, for a sentence-transformers
-    source, its pipeline files (modules.json, 1_Pooling/, ...) so ``SentenceTransformer(out)`` opens it."""
+    source, its pipeline files (modules.json, 1_Pooling/, ...) so ``SentenceTransformer(out)`` opens it.
+    ``records``: the layers' records (``Records.layers``), which name observers, act-order and sparsity."""
     sparse_format = recipe.export.sparse_format
-    tensors = checkpoint_tensors(model, sparse_format)
-    quant_config = quantization_config(model, all_linears, sparse_format)
+    tensors = checkpoint_tensors(model, sparse_format, records)
+    quant_config = quantization_config(model, all_linears, sparse_format, records)
     if recipe.export.format == "gptq":
         tensors, quant_config = _gptq_layout(model, tensors, recipe, in_blocks)
         write_quantize_config(staging, quant_config)
     write_weights(tensors, staging, parse_size(recipe.export.max_shard_size),
-                  stem=BITMASK_PREFIX if sparse_format == "bitmask" and sparse_modules(model) else "model")
+                  stem=BITMASK_PREFIX if sparse_format == "bitmask" and sparse_modules(model, records) else "model")
     write_config(model.config, staging, quant_config)
     generation = getattr(model, "generation_config", None)
     if generation is not None and loaded.kind == "causal-lm":

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from compress.core.errors import CompressError
+from compress.core.records import LayerRecord, LayerRecords
 from compress.models.blocks import find_blocks, select_layers
 from compress.models.producers import linear_producers
 from compress.passes import PASSES
 from compress.passes.base import Pass
 from compress.passes.prune.structured import StructuredPrune
 from compress.pipeline.phases import phase_checkpoint, run_phase, split_phases
-from compress.pipeline.sequential import LayerResult, Step
+from compress.pipeline.sequential import Step
 from compress.pipeline.stage_order import check_stage_order
 from compress.pipeline.steps import PassStep
 from compress.pipeline.structured import structured_step
@@ -33,8 +34,10 @@ from compress.pipeline.structured import structured_step
 Progress = Callable[[str, int, int], None]
 
 
-class Records(list[LayerResult]):
-    """One ``LayerResult`` per compressed layer, in sweep order, plus what does not fit one layer."""
+class Records(list[LayerRecord]):
+    """The sweep's history: one ``LayerRecord`` per layer per stage that solved it, in sweep order (what
+    ``report.json`` lists), plus what does not fit one layer. ``layers`` merges it into one record per layer
+    (what the export, the manifest and the card read)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,6 +45,11 @@ class Records(list[LayerResult]):
         """Per structured stage: what was asked and removed, per block what was kept, block scores."""
         self.stages: list[tuple[Pass, list[str]]] = []
         """Each layer-wise stage with the layers it targeted, on the model as the stages before left it."""
+
+    @property
+    def layers(self) -> LayerRecords:
+        """One record per compressed layer: every stage's record of it merged (``LayerRecord.then``)."""
+        return LayerRecords(self)
 
 
 def build_passes(stages: Sequence[Any]) -> list[Pass]:
@@ -93,8 +101,9 @@ def compress_model(model: nn.Module, stages: Sequence[Any], calibration: torch.T
                    device: torch.device | str = "cpu", checkpoint=None, prepare_block: Callable[[int], None] | None = None,
                    progress: Progress | None = None, log: Callable[[str], None] | None = None,
                    true_sequential: bool = False) -> tuple[nn.Module, Records]:
-    """Compress ``model`` in place with ``stages`` and return it with one record per compressed layer
-    (``Records``; its ``structured`` holds what structured stages removed).
+    """Compress ``model`` in place with ``stages`` and return it with the per-layer records (``Records``:
+    one per layer per stage, ``records.layers`` one per layer; ``structured`` holds what structured stages
+    removed).
 
     ``calibration``: token ids ``[samples, seq_len]`` (needed when a stage is calibrated). ``checkpoint``:
     a ``pipeline.resume.SweepCheckpoint`` to save each block (``--resume``). ``prepare_block(i)`` is called

@@ -8,7 +8,7 @@ only applies once every block has been scored.
 Resume works per sweep and per block, for every kind of step. Each sweep keeps its checkpoint in its own
 folder (the first in the partial folder itself, as before; later ones in ``phase-<n>/``), written by
 ``compress.pipeline.resume.SweepCheckpoint`` (a block's tensors, the next block's inputs, the layer
-records). Next to it, ``steps-<block>.json`` keeps what the tensors do not say: each step's per-block state
+records, ``LayerRecord.to_dict``). Next to it, ``steps-<block>.json`` keeps what the tensors do not say: each step's per-block state
 (the channels or heads a block kept, a block's score) and how to rebuild modules whose shape changed. It
 is written before the block's ``progress.json``, so it is never older than the block it describes. On
 resume a finished sweep is restored whole and its ``finish`` replayed (a config edit, the same blocks
@@ -28,9 +28,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from compress.core.errors import CompressError
+from compress.core.records import LayerRecord
 from compress.passes.base import Pass
 from compress.pipeline.resume import SweepCheckpoint, describe, rebuild
-from compress.pipeline.sequential import BlockContext, LayerResult, Step, swap_module, sweep
+from compress.pipeline.sequential import BlockContext, Step, swap_module, sweep
 
 Log = Callable[[str], None]
 
@@ -124,7 +125,7 @@ def _restore(model: nn.Module, blocks: nn.ModuleList, steps: Sequence[Step], che
 
 
 def run_phase(model: nn.Module, block_path: str, steps: Sequence[Step], checkpoint: SweepCheckpoint | None, *,
-              log: Log | None = None, **kwargs: Any) -> tuple[list[LayerResult], list[dict[str, Any]]]:
+              log: Log | None = None, **kwargs: Any) -> tuple[list[LayerRecord], list[dict[str, Any]]]:
     """One sweep of ``steps`` over the blocks at ``block_path``, continued from its checkpoint and
     checkpointing each new block; returns the layer records and the steps' ``finish`` entries."""
     for step in steps:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,15 @@ from torch import nn
 from compress.codecs import CODECS, StorageCodec
 from compress.codecs.pack_quantized import PACK_QUANTIZED
 from compress.core.errors import CompressError
+from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
 from compress.kernels.quant_linear import QuantLinear
 from compress.pipeline.output_dir import PROGRESS_NAME
-from compress.pipeline.sequential import LayerResult, swap_module
+from compress.pipeline.sequential import swap_module
 
-_VERSION = 1
+_VERSION = 2
+"""2: the layer records are ``LayerRecord.to_dict`` (scheme, observer, actorder, sparsity); 1 held the report
+entries only, and its modules carried those facts as attributes."""
 
 
 SWEEP_FIELDS = ("model", "dtype", "device", "trust_remote_code", "allow_pickle", "calibration", "stages")
@@ -50,7 +53,7 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
 
 
 def _plain_attrs(module: nn.Module) -> dict[str, Any]:
-    """Marks passes leave on a module (e.g. ``compress_sparsity``): simple values the export may read."""
+    """Plain values set on a module before the sweep (``models.blocks.CONV1D_MARK``), which the export reads."""
     return {k: v for k, v in vars(module).items()
             if k != "training" and not k.startswith("__") and isinstance(v, (str, int, float, bool))}
 
@@ -106,7 +109,7 @@ class Restored:
     """What a resumed sweep starts from: blocks before ``start_block`` are already compressed in the model."""
 
     start_block: int
-    results: list[LayerResult]
+    results: list[LayerRecord]
     hidden: list[torch.Tensor] | None  # inputs of block ``start_block`` (None: data-free passes)
 
 
@@ -176,10 +179,10 @@ class SweepCheckpoint:
         except (KeyError, TypeError, OSError, RuntimeError, SafetensorError) as error:
             raise CompressError(f"the resume state in {self.folder} is incomplete ({type(error).__name__}); "
                                 "delete that folder to start over") from None
-        results = [LayerResult(**r) for r in self.state["results"]]
+        results = [LayerRecord.from_dict(r) for r in self.state.get("results", [])]
         return Restored(self.completed, results, hidden)
 
-    def save(self, index: int, model: nn.Module, block: nn.Module, results: list[LayerResult],
+    def save(self, index: int, model: nn.Module, block: nn.Module, results: list[LayerRecord],
              hidden: list[torch.Tensor] | None) -> None:
         """Record block ``index`` as done (its tensors, the next block's inputs), then progress.json last."""
         if not self.enabled:
@@ -205,7 +208,7 @@ class SweepCheckpoint:
         self.state = {
             "version": _VERSION, "recipe_sha256": self.recipe_sha256, "calibration_fingerprint": self.fingerprint,
             "completed_blocks": index + 1, "blocks": blocks, "inputs": inputs,
-            "results": [*self.state.get("results", []), *(asdict(r) for r in results)],
+            "results": [*self.state.get("results", []), *(r.to_dict() for r in results)],
         }
         _write_atomic(self.folder / PROGRESS_NAME, json.dumps(self.state, indent=1, sort_keys=True))
         if previous and previous != inputs:

@@ -191,7 +191,8 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         extra = {"parameters_after": after, "structured": records.structured} if records.structured else None
 
         tick = time.perf_counter()
-        write_export(model, loaded, staging, recipe, linear_names(model), in_blocks, source=source)
+        write_export(model, loaded, staging, recipe, linear_names(model), in_blocks, source=source,
+                     records=records.layers)
         timings["export_s"] = time.perf_counter() - tick
         del model, loaded
 

@@ -14,7 +14,7 @@ default). A sweep of data-free steps (RTN, magnitude) captures nothing and runs 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,28 +23,33 @@ from torch import Tensor, nn
 
 from compress.calibrate.capture import BlockInput, block_output, capture_block_inputs, forward_batch_size
 from compress.core.errors import CompressError
+from compress.core.records import FACT_FIELDS, LayerRecord
+from compress.kernels.quant_linear import QuantLinear
 from compress.pipeline.groups import BlockGroups, MakeStats, collect_stats, execution_groups
 
 Progress = Callable[[str, int, int], None]
 BlockDone = Callable[[int, nn.Module, "BlockContext", "list[Tensor] | None", "list[dict[str, Any] | None]"], None]
 
 
-@dataclass
-class LayerResult:
-    """What a pass did to one layer, for the report."""
-
-    name: str
-    method: str
-    scheme: str
-    in_features: int
-    out_features: int
-    rel_weight_error: float | None
-
-
 def swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, new)
+
+
+def layer_record(name: str, module: nn.Module, *, original: Tensor, method: str, tag: str,
+                 facts: Mapping[str, Any]) -> LayerRecord:
+    """One stage's record of one layer: what ``module`` holds plus what the pass said about making it."""
+    unknown = sorted(set(facts) - set(FACT_FIELDS))
+    if unknown:
+        raise CompressError(f"method {method} records {unknown[0]!r} for layer {name}; a pass may state only "
+                            f"{', '.join(FACT_FIELDS)}")
+    out_features, in_features = original.shape
+    quantized = isinstance(module, QuantLinear)
+    return LayerRecord(name=name, methods=(method,), tags=(tag,), in_features=in_features,
+                       out_features=out_features, scheme=module.scheme if quantized else None,
+                       format=module.format if quantized else None, **facts,
+                       rel_weight_error=_relative_error(original, module))
 
 
 def _relative_error(original: Tensor, module: nn.Module) -> float | None:
@@ -117,7 +122,8 @@ class BlockContext:
     true_sequential: bool
     calibrated: bool
     """Whether this sweep captured calibration inputs (so later forwards will run through the block)."""
-    results: list[LayerResult] = field(default_factory=list)
+    results: list[LayerRecord] = field(default_factory=list)
+    """One record per layer per stage solved in this block, in solve order."""
     changed: list[str] = field(default_factory=list)
     """Full names of every module swapped in this block (what the checkpoint must be able to rebuild)."""
     held: list[nn.Module] = field(default_factory=list)
@@ -134,16 +140,24 @@ class BlockContext:
         return collect_stats(self.model, self.block, make_stats, group, self.inputs, self.device,
                              stop_early=stop_early, shared_within=shared_within)
 
-    def replace(self, name: str, replacement: nn.Module, *, original: Tensor, method: str, scheme: str,
-                record: bool = True) -> None:
-        """Swap ``replacement`` in at ``name`` and (``record``) report it against the ``original`` weight.
-        A quantized replacement keeps a dequantized weight while this block is swept, so the forwards
-        that follow do not unpack its codes again."""
+    def record_of(self, name: str) -> LayerRecord | None:
+        """Layer ``name`` as the stages before in this block left it (their records merged); None when none
+        touched it. Layer-wise stages share one sweep, so every earlier stage of a layer is here."""
+        record = None
+        for result in self.results:
+            if result.name == name:
+                record = result if record is None else record.then(result)
+        return record
+
+    def replace(self, name: str, replacement: nn.Module, *, original: Tensor, method: str, tag: str,
+                facts: Mapping[str, Any] | None = None, record: bool = True) -> None:
+        """Swap ``replacement`` in at ``name`` and (``record``) record it: the scheme and layout the module
+        holds, the ``facts`` the pass states (``Pass.record_facts``), the error against the ``original``
+        weight. A quantized replacement keeps a dequantized weight while this block is swept, so the
+        forwards that follow do not unpack its codes again."""
         if record:
-            out_features, in_features = original.shape
-            self.results.append(LayerResult(name=name, method=method, scheme=scheme, in_features=in_features,
-                                            out_features=out_features,
-                                            rel_weight_error=_relative_error(original, replacement)))
+            self.results.append(layer_record(name, replacement, original=original, method=method, tag=tag,
+                                             facts=facts or {}))
         swap_module(self.model, name, replacement)
         self.changed.append(name)
         if self.calibrated and hasattr(replacement, "hold_dense_weight"):
@@ -165,7 +179,7 @@ def sweep(model: nn.Module, block_path: str, steps: Sequence[Step], *, device: t
           offload: torch.device | None = None, prepare_block: Callable[[int], None] | None = None,
           progress: Progress | None = None, start_block: int = 0, start_hidden: list[Tensor] | None = None,
           on_block: BlockDone | None = None, early_exit: bool = True,
-          true_sequential: bool = True) -> list[LayerResult]:
+          true_sequential: bool = True) -> list[LayerRecord]:
     """Run ``steps`` on the blocks at ``block_path`` (``models.blocks.find_blocks``, found once on the
     uncompressed model), block by block, each step's hooks in stage order within a block; returns the records.
 
@@ -196,7 +210,7 @@ def sweep(model: nn.Module, block_path: str, steps: Sequence[Step], *, device: t
             inputs = [item.with_hidden(h) for item, h in zip(inputs, start_hidden, strict=True)]
     label = steps[0].label if len(steps) == 1 else Step.label
     observers = [step for step in steps if type(step).observe is not Step.observe]
-    results: list[LayerResult] = []
+    results: list[LayerRecord] = []
     total = len(blocks)
     store = offload or torch.device("cpu")
     for index, block in enumerate(blocks):

@@ -99,17 +99,18 @@ class PassStep(Step):
         if unknown:
             raise CompressError(f"method {self.method} returned a replacement for {unknown[0]}, which it was not "
                                 "given")
+        tag = self.layer_pass.describe()
         for name in names:
             replacement = replacements.get(name, ctx.model.get_submodule(name))
-            ctx.replace(name, replacement, original=originals[name], method=self.method,
-                        scheme=self.layer_pass.describe())
+            ctx.replace(name, replacement, original=originals[name], method=self.method, tag=tag,
+                        facts=self.layer_pass.record_facts(name, replacement))
 
     def _solve_layers(self, ctx: BlockContext, group: list[str], stats: dict[str, Any]) -> None:
         assert isinstance(self.layer_pass, LayerPass)
         for name in group:
             linear = ctx.model.get_submodule(name)
             original = linear.weight.detach()
-            replacement = self.layer_pass.apply(name, linear, stats.get(name))
+            replacement = self.layer_pass.apply_layer(name, linear, stats.get(name), ctx.record_of(name))
             self._record(ctx, [name], {name: replacement}, {name: original})
 
     def _producer(self, ctx: BlockContext, found: TensorGroup) -> Producer | None:

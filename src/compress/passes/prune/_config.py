@@ -1,5 +1,6 @@
-"""Config fields shared by the unstructured / N:M pruners (magnitude, Wanda, SparseGPT), and the one place
-that turns a score matrix into the pruned layer, so every pruner masks and marks layers the same way.
+"""Config fields shared by the unstructured / N:M pruners (magnitude, Wanda, SparseGPT), the one place
+that turns a score matrix into the pruned layer, and the sparsity fact every pruner records, so every
+pruner masks and records layers the same way.
 
 Its own module because a pass module never imports another pass module (DESIGN: layer rules).
 """
@@ -12,9 +13,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from compress.core.errors import CompressError
-from compress.core.sparsity import SPARSITY_ATTR, NMPattern, check_sparsity, mask_for
+from compress.core.sparsity import NMPattern, check_sparsity, mask_for
 from compress.core.targets import check_pattern, matches
-from compress.passes.base import PassConfig
+from compress.passes.base import Pass, PassConfig
 
 
 class PruneConfig(PassConfig):
@@ -101,21 +102,35 @@ class PruneConfig(PassConfig):
         if self.nm is not None:  # per_layer with a pattern is refused when the config is built
             self.nm.check_layer(name, linear.in_features)
 
+    @property
+    def structure(self) -> str:
+        """The pattern a layer's record names: ``unstructured`` or ``N:M``."""
+        return "unstructured" if self.nm is None else str(self.nm)
+
     def tag(self) -> str:
         if self.nm is not None:
             return f"{self.nm.n}of{self.nm.m}"
         return f"sp{round(self.sparsity * 100)}"
 
 
+class RecordsSparsity(Pass):
+    """Mixed into a pruner: every layer it returns is recorded with the config's pattern (for later stages
+    and the export), besides the observer of a layer it also quantized."""
+
+    config: PruneConfig
+
+    def record_facts(self, name: str, module: nn.Module) -> dict[str, Any]:
+        return {**super().record_facts(name, module), "sparsity": self.config.structure}
+
+
 def apply_mask(name: str, linear: nn.Linear, keep: Tensor, config: PruneConfig) -> nn.Linear:
-    """Zero the weights outside ``keep`` in place and mark the layer as sparse (for later stages and export)."""
+    """Zero the weights outside ``keep`` in place (the pass's ``record_facts`` names the pattern)."""
     with_mask = linear.weight.detach() * keep.to(linear.weight.dtype)
     linear.weight.data.copy_(with_mask)
-    setattr(linear, SPARSITY_ATTR, "unstructured" if config.nm is None else str(config.nm))
     return linear
 
 
 def prune_by_score(name: str, linear: nn.Linear, scores: Tensor, config: PruneConfig) -> nn.Linear:
-    """Prune the lowest-scoring weights of each row (or keep the top N of every M) and mark the layer."""
+    """Prune the lowest-scoring weights of each row (or keep the top N of every M)."""
     keep = mask_for(scores, config.sparsity_for(name), config.nm)
     return apply_mask(name, linear, keep, config)

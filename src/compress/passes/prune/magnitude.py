@@ -7,7 +7,7 @@ from typing import Any, Literal
 from torch import nn
 
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.prune._config import PruneConfig, prune_by_score
+from compress.passes.prune._config import PruneConfig, RecordsSparsity, prune_by_score
 
 
 class MagnitudeConfig(PruneConfig):
@@ -15,7 +15,7 @@ class MagnitudeConfig(PruneConfig):
 
 
 @PASSES.register("magnitude")
-class MagnitudePass(LayerPass):
+class MagnitudePass(RecordsSparsity, LayerPass):
     config_cls = MagnitudeConfig
     needs_calibration = False
     config: MagnitudeConfig

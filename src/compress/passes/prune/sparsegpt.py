@@ -1,8 +1,8 @@
 """SparseGPT: second-order pruning against each layer's calibration Hessian, optionally with joint
 quantization (``bits``), in one pass over the model (the plumbing; the sweep is in ``sparsegpt_math``).
 
-Output: the same ``nn.Linear`` with pruned weights zeroed (and marked sparse), or, with ``bits``, a
-``QuantLinear`` packed from the sweep's own codes, marked sparse too so the export records the pattern.
+Output: the same ``nn.Linear`` with pruned weights zeroed, or, with ``bits``, a ``QuantLinear`` packed from
+the sweep's own codes; either way the layer's record names the pattern (``RecordsSparsity``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
 from compress.core.packing import pack_weight, scale_dtype_for
 from compress.core.scheme import QuantScheme
-from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.prune._config import PruneConfig, apply_mask
+from compress.passes.prune._config import PruneConfig, RecordsSparsity, apply_mask
 from compress.passes.prune.sparsegpt_math import sparsegpt_prune
 
 logger = logging.getLogger("compress")
@@ -51,7 +50,7 @@ class SparseGPTConfig(PruneConfig):
 
 
 @PASSES.register("sparsegpt")
-class SparseGPTPass(LayerPass):
+class SparseGPTPass(RecordsSparsity, LayerPass):
     config_cls = SparseGPTConfig
     needs_calibration = True
     config: SparseGPTConfig
@@ -75,7 +74,6 @@ class SparseGPTPass(LayerPass):
             block_size=cfg.block_size, damp=cfg.damp, scheme=scheme, scale_dtype=dtype,
             log=lambda msg: logger.warning("layer %s: %s", name, msg),
         )  # fmt: skip
-        structure = "unstructured" if cfg.nm is None else str(cfg.nm)
         if scheme is None:
             linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
             return apply_mask(name, linear, result.keep, cfg)
@@ -83,9 +81,7 @@ class SparseGPTPass(LayerPass):
         packed = pack_weight(result.weight, scheme, scale=result.scale, zero_point=result.zero_point,
                              scale_dtype=dtype)
         bias = None if linear.bias is None else linear.bias.detach()
-        quantized = QuantLinear.from_packed(packed, bias)
-        setattr(quantized, SPARSITY_ATTR, structure)
-        return quantized
+        return QuantLinear.from_packed(packed, bias)
 
     def quantizes(self) -> bool:
         return self.config.bits is not None

@@ -14,7 +14,7 @@ from torch import nn
 from compress.calibrate.stats import InputNormStats
 from compress.core.errors import CompressError
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.prune._config import PruneConfig, prune_by_score
+from compress.passes.prune._config import PruneConfig, RecordsSparsity, prune_by_score
 
 
 class WandaConfig(PruneConfig):
@@ -22,7 +22,7 @@ class WandaConfig(PruneConfig):
 
 
 @PASSES.register("wanda")
-class WandaPass(LayerPass):
+class WandaPass(RecordsSparsity, LayerPass):
     config_cls = WandaConfig
     needs_calibration = True
     config: WandaConfig

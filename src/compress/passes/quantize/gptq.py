@@ -16,10 +16,9 @@ from torch import nn
 
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
-from compress.core.observers import ACTORDER_ATTR, OBSERVER_ATTR
 from compress.core.packing import PackedWeight, pack_codes, pack_zero_point, scale_dtype_for
+from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
-from compress.core.sparsity import SPARSITY_ATTR
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
 from compress.passes.quantize._config import WeightQuantConfig
@@ -100,7 +99,20 @@ class GPTQPass(LayerPass):
     def check_layer(self, name: str, linear: nn.Linear) -> None:
         self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
 
-    def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
+    def apply_layer(self, name: str, linear: nn.Linear, stats: Any | None, prior: LayerRecord | None) -> nn.Module:
+        """A layer an earlier stage pruned keeps its zeros (the OBS update would otherwise fill them)."""
+        return self.apply(name, linear, stats, keep_zeros=prior is not None and prior.sparsity is not None)
+
+    def record_facts(self, name: str, module: nn.Module) -> dict[str, Any]:
+        """The observer, and ``actorder: weight`` when columns ran in activation order with contiguous groups
+        (per-channel scales leave no trace of the order, as ``gptq_math`` reports)."""
+        facts = super().record_facts(name, module)
+        if facts and self.config.act_order and not module.scheme.per_channel:
+            facts["actorder"] = "weight"
+        return facts
+
+    def apply(self, name: str, linear: nn.Linear, stats: Any | None = None, *, keep_zeros: bool = False) -> nn.Module:
+        """``keep_zeros``: the layer's zero weights are pruned ones and stay zero."""
         if not isinstance(stats, HessianStats):
             raise CompressError(f"GPTQ needs calibration statistics for layer {name}, got none")
         if stats.tokens == 0:
@@ -120,7 +132,6 @@ class GPTQPass(LayerPass):
         cfg = self.config
         scheme = cfg.scheme_for(k)
         dtype = scale_dtype_for(linear.weight.dtype)
-        sparsity = getattr(linear, SPARSITY_ATTR, None)  # pruned by an earlier stage: keep its zeros
         result = gptq_quantize(
             linear.weight.detach(),
             stats.hessian,
@@ -131,18 +142,12 @@ class GPTQPass(LayerPass):
             static_groups=cfg.static_groups,
             observer=cfg.observer,
             scale_dtype=dtype,
-            keep_mask=None if sparsity is None else linear.weight.detach() != 0,
+            keep_mask=linear.weight.detach() != 0 if keep_zeros else None,
             log=lambda msg: logger.warning("layer %s: %s", name, msg),
         )
         logger.debug("layer %s: GPTQ loss %.6g (damp %g)", name, result.loss, result.damp_used)
         bias = None if linear.bias is None else linear.bias.detach()
-        quantized = QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
-        setattr(quantized, OBSERVER_ATTR, cfg.observer)
-        if result.actorder == "weight":
-            setattr(quantized, ACTORDER_ATTR, "weight")
-        if sparsity is not None:
-            setattr(quantized, SPARSITY_ATTR, sparsity)
-        return quantized
+        return QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
 
     def quantizes(self) -> bool:
         return True

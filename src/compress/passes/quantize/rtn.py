@@ -9,8 +9,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from compress.core.observers import OBSERVER_ATTR, choose_qparams
-from compress.core.sparsity import SPARSITY_ATTR
+from compress.core.observers import choose_qparams
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
 from compress.passes.quantize._config import WeightQuantConfig
@@ -38,10 +37,8 @@ class RTNPass(LayerPass):
         else:
             scale, zero_point = choose_qparams(linear.weight.detach(), scheme, observer=self.config.observer)
             quantized = QuantLinear.from_linear(linear, scheme, scale=scale, zero_point=zero_point)
-        setattr(quantized, OBSERVER_ATTR, self.config.observer)
-        sparsity = getattr(linear, SPARSITY_ATTR, None)
-        if sparsity is not None:  # zero lies in every group's range, so pruned weights stay exactly zero
-            setattr(quantized, SPARSITY_ATTR, sparsity)
+        # zero lies in every group's range, so an earlier stage's pruned weights stay exactly zero: the layer's
+        # record keeps its sparsity pattern (the observer is the default ``record_facts``)
         return quantized
 
     def quantizes(self) -> bool:
