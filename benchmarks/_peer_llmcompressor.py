@@ -1,6 +1,7 @@
 """Driver for the llm-compressor side of benchmarks/speed_vs_peers.py; runs with the PEER venv's python.
 
     PEER_PY _peer_llmcompressor.py MODEL_DIR TOKENS.pt OUT_DIR [--threads N] [--actorder static|weight|none]
+        [--bits B --group-size G]
     PEER_PY _peer_llmcompressor.py --ppl WINDOWS.pt MODEL_DIR [MODEL_DIR ...]
 
 The second form is a cross-check of our eval: it loads each folder with transformers (a compressed-tensors
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--actorder", default="default", help="default (llm-compressor's own), static, weight, none")
+    parser.add_argument("--bits", type=int, default=4, help="weight bits (4: the W4A16 preset; else a custom scheme)")
+    parser.add_argument("--group-size", type=int, default=128, help="group size (-1: per channel)")
     args = parser.parse_args()
 
     import torch
@@ -76,7 +79,16 @@ def main() -> None:
     t_load = time.perf_counter() - t
 
     extra = {} if args.actorder == "default" else {"actorder": None if args.actorder == "none" else args.actorder}
-    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], **extra)
+    if args.bits == 4 and args.group_size == 128:
+        recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], **extra)
+    else:  # the W4A16 preset's weights with other bits / groups; every other field at llm-compressor's default
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        strategy = "channel" if args.group_size == -1 else "group"
+        weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=True, strategy=strategy,
+                                   group_size=None if args.group_size == -1 else args.group_size)
+        scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], **extra)
     t = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=num_samples,
             max_seq_length=seq_len, shuffle_calibration_samples=False)
