@@ -25,17 +25,23 @@ out = Console(highlight=False)
 def quiet_libraries() -> None:
     """Our progress bars replace the libraries' own (tqdm on stderr, 'Generating train split', ...)."""
     import os
+    import sys
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets costs ~2 s to import and a data-free job (RTN, magnitude, --no-eval) never needs it: it reads
+    # these when (if) it is imported; its parse errors reach us as CompressError, so its own log stays quiet
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     route_library_logs()
     try:
-        import datasets
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as CompressError
+        if "datasets" in sys.modules:  # imported already (a test, a notebook): the variables came too late
+            datasets = sys.modules["datasets"]
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         import huggingface_hub
 
         huggingface_hub.utils.logging.set_verbosity_error()
