@@ -1,11 +1,12 @@
 """``naive-quantized`` / ``int-quantized``: integer codes as an int8 ``weight`` tensor (``core/unpacked.py``).
 
 compressed-tensors writes this layout for W8A8-int8 models (``int-quantized``; ``naive-quantized`` is the
-same compressor under its generic name). We read and write the weight side of it; the codes are the ones
-``pack-quantized`` would hold (encoded through the same ``pack_weight`` arithmetic, then unpacked), so a
-model can move between the two layouts without re-quantizing. Input-activation quantization (the A8 of
-W8A8) is refused in one sentence: no kernel path here quantizes activations, and running such a
-checkpoint with float activations would silently compute something else than what was calibrated.
+same compressor under its generic name). The codes are the ones ``pack-quantized`` would hold (encoded
+through the same ``pack_weight`` arithmetic, then unpacked), so a model can move between the two layouts
+without re-quantizing. Input activations: W8A8-int8 (compressed-tensors' ``W8A8`` preset: int8 symmetric
+per-channel weights, int8 symmetric per-token dynamic activations) is held and run (``kernels/int8_act.py``
+quantizes each input row at run time); any other activation scheme is refused in one sentence, since
+running it with float activations would compute something else than what was calibrated.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from compress.core.errors import CompressError
 from compress.core.packing import pack_weight, scale_dtype_for, unpack_zero_point
 from compress.core.scheme import QuantScheme
 from compress.core.unpacked import UnpackedWeight, scale_shape
+from compress.kernels.int8_act import is_w8a8_int8
 
 
 class NaiveQuantizedCodec(StorageCodec):
@@ -52,7 +54,7 @@ class NaiveQuantizedCodec(StorageCodec):
     def unsupported(self, scheme: QuantScheme | None) -> str | None:
         if scheme is None or scheme.weights is None:
             return "it stores quantized weights and this scheme has none"
-        if scheme.input_activations is not None:
+        if scheme.input_activations is not None and not is_w8a8_int8(scheme):
             return NO_ACTIVATIONS
         if scheme.weights.type != self.code_type:
             return f"it holds {self.code_type} codes here, not {scheme.weights.type} ones"
@@ -63,13 +65,13 @@ class NaiveQuantizedCodec(StorageCodec):
                        scale_dtype: torch.dtype | None = None) -> UnpackedWeight:
         if g_idx is not None:
             raise CompressError(f"{self.name} has no g_idx; activation ordering must keep groups contiguous")
-        packed = pack_weight(weight, scheme, scale=scale, zero_point=zero_point,
+        packed = pack_weight(weight, scheme.weight_only, scale=scale, zero_point=zero_point,
                              scale_dtype=scale_dtype or scale_dtype_for(weight.dtype))
         codes, _, _ = packed.unpack()
         zp = None
         if packed.weight_zero_point is not None:
             zp = unpack_zero_point(packed.weight_zero_point, scheme.bits, packed.out_features).to(torch.int8)
-        return UnpackedWeight(codes.contiguous(), packed.weight_scale, zp, None, scheme)
+        return UnpackedWeight(codes.contiguous(), packed.weight_scale, zp, None, scheme)  # with its activations
 
     def config(self, scheme: QuantScheme | None, *, actorder: str | None = None,
                observer: str | None = "minmax", **_: Any) -> dict[str, Any]:

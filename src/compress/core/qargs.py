@@ -59,6 +59,12 @@ class QuantArgs:
         return cls(num_bits=bits, type="int", strategy="channel" if per_channel else "group",
                    group_size=None if per_channel else group_size, symmetric=symmetric)
 
+    @classmethod
+    def int8_per_token(cls) -> QuantArgs:
+        """Input activations of W8A8-int8: int8 symmetric, one scale per token computed at run time (what
+        compressed-tensors' ``W8A8`` preset writes as ``input_activations``)."""
+        return cls(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True)
+
     # ---- structural validation -------------------------------------------------------------------------
     def validate(self, role: str = "weight") -> None:
         """Raise CompressError (one sentence) for args that describe nothing we can represent."""

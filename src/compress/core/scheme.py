@@ -21,7 +21,7 @@ from typing import Any
 from compress.core.errors import CompressError
 from compress.core.qargs import ACTORDERS, SUPPORTED_BITS, QuantArgs
 
-__all__ = ["SUPPORTED_BITS", "QuantArgs", "QuantScheme"]
+__all__ = ["SCHEMES", "SUPPORTED_BITS", "QuantArgs", "QuantScheme"]
 
 
 @dataclass(frozen=True, init=False)
@@ -45,6 +45,17 @@ class QuantScheme:
             weights = QuantArgs.int_weights(bits, group_size, symmetric)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "input_activations", input_activations)
+
+    @classmethod
+    def w8a8_int8(cls) -> QuantScheme:
+        """W8A8-int8, compressed-tensors' ``W8A8`` preset: int8 symmetric per-channel weights, int8 symmetric
+        per-token dynamic input activations (no activation calibration)."""
+        return cls(weights=QuantArgs.int_weights(8, -1, True), input_activations=QuantArgs.int8_per_token())
+
+    @property
+    def weight_only(self) -> QuantScheme:
+        """The same weights without activation quantization (what the weight-side integer math reads)."""
+        return QuantScheme(weights=self.weights)
 
     def validate(self) -> None:
         """Raise CompressError (one sentence) for a scheme we cannot represent."""
@@ -183,3 +194,7 @@ class QuantScheme:
         w = self.w
         return replace(w, actorder=actorder if actorder is not None else w.actorder,
                        observer=observer if observer is not None else w.observer)
+
+
+SCHEMES = {"w8a8-int8": QuantScheme.w8a8_int8}
+"""Named schemes (``compress quantize --scheme NAME``, a quantize stage's ``scheme`` field)."""

@@ -7,7 +7,9 @@ with activation ordering, ``weight_shape``; or ``weight``, ``weight_scale``, ...
 ``model.state_dict()`` and loading is ``load_state_dict`` into modules built with ``__init__``.
 ``storage()`` hands the same tensors back as the typed object the kernels compute from (no copy, no
 scheme rebuilt); ``format`` names the codec that wrote them (``compress.codecs``). The forward goes
-through the layer's kernel path (``kernels/paths.py``) and never branches on the device.
+through the layer's kernel path (``kernels/paths.py``) and never branches on the device. A scheme with
+input activations (W8A8-int8) has its input quantized per token first, unless the path does it itself
+(``kernels/int8_act.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight, pack_weight, scale_dtype_for
 from compress.core.scheme import QuantScheme
 from compress.core.storage import WeightStorage
+from compress.kernels.int8_act import fake_quantize_input
 from compress.kernels.ops import dequant_matmul
 from compress.kernels.reference import compute_dtype
 
@@ -167,6 +170,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise CompressError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        acts = self.scheme.input_activations
+        if acts is not None and not getattr(self.kernel, "quantizes_inputs", False):
+            x = fake_quantize_input(x, acts)  # W8A8: every path computes on the per-token quantized input
         cached = self._dense_cache
         if cached is not None and self.kernel is None and cached.dtype == compute_dtype(x) \
                 and cached.device == x.device:
