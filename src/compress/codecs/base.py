@@ -38,9 +38,9 @@ from compress.kernels.quant_linear import QuantLinear
 HeaderMeta = Mapping[str, tuple[str, list[int]]]
 """``{tensor name: (safetensors dtype, shape)}`` as read from headers alone."""
 
-NO_ACTIVATIONS = ("the only input-activation quantization a kernel here runs is W8A8-int8 (int8 per-channel "
-                  "weights, int8 per-token dynamic activations, int-quantized), and running these activations "
-                  "unquantized would compute something other than what was calibrated")
+NO_ACTIVATIONS = ("no kernel here quantizes input activations other than W8A8-int8 (int8 per-channel weights, "
+                  "int8 per-token dynamic inputs, int-quantized), and running them unquantized would compute "
+                  "something other than what was calibrated")
 """Why a layout refuses a scheme with ``input_activations`` it cannot run (everything but W8A8-int8 today)."""
 
 
