@@ -59,6 +59,8 @@ def quantize(
                                                          "mse for gptq, minmax for rtn")),
     ignore: list[str] | None = typer.Option(None, help=shown("Layer name pattern to leave dense (repeatable).",
                                                              "lm_head")),
+    scheme: str | None = typer.Option(None, "--scheme", help="Weight + activation scheme: w8a8-int8 (int8 "
+                                      "per-channel weights, int8 per-token dynamic activations, int-quantized)."),
     export_format: str | None = typer.Option(None, "--format", help=shown("Checkpoint layout: compressed-tensors "
                                                                           "or gptq.", "compressed-tensors")),
     recipe: str | None = typer.Option(None, "--recipe", help=shown("Base recipe (file or built-in name); options "
@@ -73,11 +75,15 @@ def quantize(
     as_json: bool = AS_JSON,
 ) -> None:
     """Quantize MODEL's linear layers and write a compressed-tensors (or GPTQ-layout) checkpoint."""
+    activations = _scheme_activations(scheme, bits, group_size, sym, export_format)
+    if activations is not None:
+        bits, group_size = 8, -1
     flags = {
         "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
         "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "stages.*.act_order": act_order,
         "stages.*.damp": damp, "stages.*.block_size": block_size, "stages.*.static_groups": static_groups,
         "stages.*.observer": observer, "stages.*.indivisible": indivisible, "export.format": export_format,
+        "stages.*.activations": activations,
         **job_flags(
             model=model, dataset=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, output=output,
             device=device, dtype=dtype, eval_dataset=eval_dataset, eval_windows=eval_windows, do_eval=do_eval,
@@ -86,7 +92,7 @@ def quantize(
             eval_seq_len=eval_seq_len,
         ),
     }
-    execute_recipe(recipe or _preset_for(method), flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
+    execute_recipe(recipe or (scheme if activations is not None else _preset_for(method)), flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
                    as_json=as_json, resume=resume)
 
 
@@ -97,3 +103,25 @@ def _preset_for(method: str | None) -> str:
 
     name = f"w4a16-{method}"
     return name if method and name in preset_names() else "w4a16-gptq"
+
+
+SCHEME_ACTIVATIONS = {"w8a8-int8": "int8-dynamic"}
+"""``--scheme`` names → the quantize stage's ``activations`` field (the weights: 8-bit per channel)."""
+
+
+def _scheme_activations(scheme: str | None, bits: int | None, group_size: int | None, sym: bool | None,
+                        export_format: str | None) -> str | None:
+    """The stage's ``activations`` for ``--scheme``, or a one-sentence refusal (exit 2) before anything loads."""
+    from compress.core.errors import CompressError
+
+    if scheme is None:
+        return None
+    if scheme not in SCHEME_ACTIVATIONS:
+        raise CompressError(f"unknown --scheme {scheme!r}; use {', '.join(SCHEME_ACTIVATIONS)}")
+    if export_format == "gptq":
+        raise CompressError(f"--scheme {scheme} quantizes input activations, which the GPTQ layout cannot "
+                            "express; use --format compressed-tensors")
+    if bits not in (None, 8) or group_size not in (None, -1) or sym is False:
+        raise CompressError(f"--scheme {scheme} has 8-bit symmetric per-channel weights; drop --bits, "
+                            "--group-size and --asym or set them to 8, -1 and --sym")
+    return SCHEME_ACTIVATIONS[scheme]

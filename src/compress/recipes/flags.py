@@ -47,6 +47,7 @@ FLAG_FIELDS: dict[str, str] = {
     "stages.*.static_groups": "--static-groups",
     "stages.*.observer": "--observer",
     "stages.*.indivisible": "--indivisible",
+    "stages.*.activations": "--scheme",
     "stages.*.sparsity": "--sparsity",
     "stages.*.pattern": "--pattern",
     "stages.*.per_layer": "--per-layer-sparsity",

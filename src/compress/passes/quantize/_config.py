@@ -1,4 +1,5 @@
-"""Config fields shared by every weight-only integer quantizer (RTN, GPTQ, ...).
+"""Config fields shared by every weight-only integer quantizer (RTN, GPTQ, ...), and the activation scheme
+the quantizers that solve only the weight side can add (``ActivationQuantConfig``: W8A8-int8).
 
 Its own module because a pass module never imports another pass module (DESIGN: layer rules).
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from compress.core.scheme import QuantScheme
 from compress.passes.base import PassConfig
+
+ACTIVATION_SCHEMES = ("none", "int8-dynamic")
 
 
 class WeightQuantConfig(PassConfig):
@@ -43,3 +46,31 @@ class WeightQuantConfig(PassConfig):
         if self.indivisible == "per-channel" and scheme.group_size > 0 and in_features % scheme.group_size:
             return QuantScheme(bits=self.bits, group_size=-1, symmetric=self.symmetric)
         return scheme
+
+
+class ActivationQuantConfig(WeightQuantConfig):
+    """A weight quantizer whose layers may also quantize their inputs at run time.
+
+    ``activations: int8-dynamic`` is W8A8-int8 (compressed-tensors' ``W8A8`` preset): the weights are solved
+    as usual at 8 bits per output channel, symmetric; the inputs are quantized per token when the layer
+    runs, so nothing about them is calibrated. Layers are stored ``int-quantized``."""
+
+    activations: Literal["none", "int8-dynamic"] = "none"
+
+    @model_validator(mode="after")
+    def _w8a8_weights(self) -> ActivationQuantConfig:
+        if self.activations == "int8-dynamic" and (self.bits != 8 or self.group_size != -1 or not self.symmetric):
+            raise ValueError("int8-dynamic activations (W8A8-int8) need 8-bit symmetric per-channel weights "
+                             "(bits 8, group_size -1, symmetric)")
+        return self
+
+    @property
+    def scheme(self) -> QuantScheme:
+        if self.activations == "int8-dynamic":
+            return QuantScheme.w8a8_int8()
+        return super().scheme
+
+    @property
+    def storage_format(self) -> str:
+        """The codec the layers are written in: ``int-quantized`` for W8A8-int8, else ``pack-quantized``."""
+        return "int-quantized" if self.activations == "int8-dynamic" else "pack-quantized"

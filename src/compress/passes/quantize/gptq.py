@@ -19,9 +19,10 @@ from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight, pack_codes, pack_zero_point, scale_dtype_for
 from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
+from compress.core.unpacked import UnpackedWeight
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.quantize._config import WeightQuantConfig
+from compress.passes.quantize._config import ActivationQuantConfig
 from compress.passes.quantize.gptq_math import GPTQResult, gptq_quantize
 
 logger = logging.getLogger("compress")
@@ -32,7 +33,7 @@ data, decides the solution: we warn. The reference setup (128 × 2048 tokens) gi
 
 
 
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(ActivationQuantConfig):
     """GPTQ options; ``bits``, ``group_size``, ``symmetric`` and ``observer`` come from the base."""
 
     method: Literal["gptq"] = "gptq"
@@ -135,7 +136,7 @@ class GPTQPass(LayerPass):
         result = gptq_quantize(
             linear.weight.detach(),
             stats.hessian,
-            scheme,
+            scheme.weight_only,  # only the weight side is solved; W8A8 inputs are quantized at run time
             block_size=cfg.block_size,
             damp=cfg.damp,
             act_order=cfg.act_order,
@@ -147,6 +148,10 @@ class GPTQPass(LayerPass):
         )
         logger.debug("layer %s: GPTQ loss %.6g (damp %g)", name, result.loss, result.damp_used)
         bias = None if linear.bias is None else linear.bias.detach()
+        if scheme.input_activations is not None:  # W8A8-int8: the solved codes as int8, int-quantized
+            storage = UnpackedWeight(result.codes.to(torch.int8).contiguous(), result.scale.to(dtype).contiguous(),
+                                     None, None, scheme)
+            return QuantLinear.from_storage(storage, bias, format=cfg.storage_format)
         return QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
 
     def quantizes(self) -> bool:

@@ -9,13 +9,14 @@ from typing import Any, Literal
 
 from torch import nn
 
+from compress.codecs import quantize_linear
 from compress.core.observers import choose_qparams
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.quantize._config import WeightQuantConfig
+from compress.passes.quantize._config import ActivationQuantConfig
 
 
-class RTNConfig(WeightQuantConfig):
+class RTNConfig(ActivationQuantConfig):
     method: Literal["rtn"] = "rtn"
 
 
@@ -32,6 +33,11 @@ class RTNPass(LayerPass):
 
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         scheme = self.config.scheme_for(linear.in_features)
+        if scheme.input_activations is not None:  # W8A8-int8: int8 codes, inputs quantized at run time
+            qparams = {} if self.config.observer == "minmax" else dict(zip(
+                ("scale", "zero_point"), choose_qparams(linear.weight.detach(), scheme.weight_only,
+                                                        observer=self.config.observer), strict=True))
+            return quantize_linear(linear, scheme, format=self.config.storage_format, **qparams)
         if self.config.observer == "minmax":
             quantized = QuantLinear.from_linear(linear, scheme)
         else:
