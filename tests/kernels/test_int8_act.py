@@ -116,3 +116,12 @@ def test_other_activation_schemes_refused():
     static = QuantScheme(weights=W8A8.weights, input_activations=QuantArgs(strategy="tensor"))
     with pytest.raises(CompressError, match="W8A8-int8"):
         codec("int-quantized").check(static)
+
+
+def test_auto_picks_int8_or_dense_and_keeps_w8a8_numbers():
+    layer = _layer(in_f=256, out_f=256)
+    x = torch.randn(4, 256)
+    ref = layer(x)
+    counts = apply_kernel(nn.Sequential(layer), "auto")
+    assert set(counts) <= {"int8", "dense"} and layer.kernel is not None
+    assert torch.allclose(layer(x), ref, rtol=0, atol=1e-5)
