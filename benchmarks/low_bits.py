@@ -10,7 +10,11 @@ llm-compressor's W4A16 GPTQ uses plain min/max. This script varies one thing at 
 - ``mse`` (ours): weighted by diag(H), shrink down to 0.2 of the range;
 - ``mse unweighted``: the same search without the Hessian weights;
 - ``mse shrink<=0.2``: only ratios 1.0 .. 0.8 (the range llm-compressor's own MSE observer searches);
-- ``minmax damp 0.1`` / ``mse damp 0.1``: ten times the damping;
+- ``mse damp 0.1``: ten times the damping;
+- ``per-layer best of minmax/mse``: GPTQ run with both observers on each layer, keeping the result with the
+  lower output error ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` on the calibration Hessian (twice the solve time);
+- the same with activation order (``act-order``: columns by descending Hessian diagonal, contiguous groups,
+  what llm-compressor's GPTQ does by default as ``actorder: static``);
 - ``llm-compressor``: its GPTQModifier with the same bits and group size (``_peer_llmcompressor.py``).
 
 Each variant runs in this process through ``compress_model`` (the engine ``compress quantize`` uses) on the
@@ -44,8 +48,13 @@ VARIANTS = {  # label -> (stage fields, choose_qparams keyword overrides or None
     "mse (ours)": ({"observer": "mse"}, None),
     "mse unweighted": ({"observer": "mse"}, {"unweighted": True}),
     "mse shrink<=0.2": ({"observer": "mse"}, {"max_shrink": 0.2, "grid": 20}),
-    "minmax damp 0.1": ({"observer": "minmax", "damp": 0.1}, None),
     "mse damp 0.1": ({"observer": "mse", "damp": 0.1}, None),
+    "per-layer best of minmax/mse": ({"observer": "mse"}, {"best_of": True}),
+    "minmax act-order": ({"observer": "minmax", "act_order": True}, None),
+    "mse act-order": ({"observer": "mse", "act_order": True}, None),
+    "best of, act-order": ({"observer": "mse", "act_order": True}, {"best_of": True}),
+    "best of 3 depths": ({"observer": "mse"}, {"best_of": True, "depths": True}),
+    "best of 3 depths, act-order": ({"observer": "mse", "act_order": True}, {"best_of": True, "depths": True}),
 }
 
 
@@ -54,6 +63,9 @@ def _patched_observer(overrides: dict | None):
     import contextlib
 
     from compress.passes.quantize import gptq_math
+
+    if overrides and overrides.get("best_of"):
+        return _best_of_observers(depths=bool(overrides.get("depths")))
 
     @contextlib.contextmanager
     def patch():
@@ -76,6 +88,41 @@ def _patched_observer(overrides: dict | None):
     return patch()
 
 
+def _best_of_observers(depths: bool = False):
+    """GPTQ's solve run with min/max and with the clipping search (``depths``: also the search limited to
+    shrinks <= 0.2), keeping per layer the lowest output error."""
+    import contextlib
+
+    from compress.passes.quantize import gptq as gptq_pass
+
+    @contextlib.contextmanager
+    def patch():
+        original = gptq_pass.gptq_quantize
+
+        def best(weight, hessian, scheme, **kw):
+            w = weight.detach().float()
+            h = hessian.float()
+            results = [original(weight, hessian, scheme, **{**kw, "observer": o}) for o in ("minmax", "mse")]
+            if depths:
+                with _patched_observer({"max_shrink": 0.2, "grid": 20}):
+                    results.append(original(weight, hessian, scheme, **{**kw, "observer": "mse"}))
+            errors = [float(torch_trace((w - r.weight) @ h, (w - r.weight))) for r in results]
+            return results[errors.index(min(errors))]
+
+        gptq_pass.gptq_quantize = best
+        try:
+            yield
+        finally:
+            gptq_pass.gptq_quantize = original
+
+    return patch()
+
+
+def torch_trace(a, b):
+    """``tr(a bᵀ)`` without forming the product."""
+    return (a * b).sum()
+
+
 def _load(path: str):
     from compress.models.load import DEMO_MODEL_DIR, load_model, load_tokenizer
 
@@ -86,11 +133,14 @@ def _load(path: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["demo", "benchmarks/models/qwen2-256"])
-    parser.add_argument("--settings", nargs="+", default=["W2g128", "W2g64", "W3g128"], choices=sorted(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["W2g128", "W3g128", "W4g128"], choices=sorted(SETTINGS))
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", "/work/bench-venv/bin/python"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--name", default="low_bits")
     args = parser.parse_args()
 
     import torch
@@ -112,6 +162,8 @@ def main() -> None:
         for setting in args.settings:
             bits, group = SETTINGS[setting]
             for label, (fields, overrides) in VARIANTS.items():
+                if label not in args.variants:
+                    continue
                 _, model, _ = _load(model_path)
                 stage = {"method": "gptq", "bits": bits, "group_size": group, "symmetric": True, **fields}
                 t = time.perf_counter()
@@ -123,7 +175,7 @@ def main() -> None:
                              "ppl": scores.ppl, "base_ppl": scores.baseline_ppl, "top1": scores.top1,
                              "seconds": seconds})
                 print(json.dumps(rows[-1]), flush=True)
-            if not peer_ok:
+            if not peer_ok or args.no_peer:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save(ids, f"{tmp}/ids.pt")
@@ -148,12 +200,12 @@ def main() -> None:
              f"{time.perf_counter() - started:.0f} s in all.", "",
              "| model | setting | variant | KL | KL / ours | ppl (fp) | top-1 | s |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        ours = next(r["kl"] for r in rows if r["model"] == row["model"] and r["setting"] == row["setting"]
-                    and r["variant"] == "mse (ours)")
+        ours = next((r["kl"] for r in rows if r["model"] == row["model"] and r["setting"] == row["setting"]
+                     and r["variant"] == "mse (ours)"), float("nan"))
         lines.append(f"| {row['model']} | {row['setting']} | {row['variant']} | {row['kl']:.4f} | "
                      f"{row['kl'] / ours:.2f}x | {row['ppl']:.3f} ({row['base_ppl']:.3f}) | {row['top1']:.1%} | "
                      f"{row['seconds']:.1f} |")
-    write_results("low_bits", {"rows": rows, "num_samples": args.num_samples, "eval_windows": args.eval_windows},
+    write_results(args.name, {"rows": rows, "num_samples": args.num_samples, "eval_windows": args.eval_windows},
                   "\n".join(lines) + "\n")
 
 
