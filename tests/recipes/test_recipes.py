@@ -232,3 +232,12 @@ def test_doc_separator_fields():
     assert split.calibration.doc_separator == split.eval.doc_separator == "\n\n"
     with pytest.raises(CompressError, match="calibration.doc_separator"):
         recipe_from_dict({"stages": [{"method": "rtn"}], "calibration": {"doc_separator": ""}})
+
+
+def test_activation_quantization_with_the_weight_only_gptq_layout_is_refused_from_the_recipe():
+    """W8A8 written as GPTQ would lose the activation scheme; refused before any model loads (it used to
+    surface at export, after the whole sweep)."""
+    stage = {"method": "gptq", "bits": 8, "group_size": -1, "activations": "int8-dynamic"}
+    with pytest.raises(CompressError, match="GPTQ layout, which is weight-only"):
+        recipe_from_dict({"stages": [stage], "export": {"format": "gptq"}})
+    assert recipe_from_dict({"stages": [stage]}).export.format == "compressed-tensors"

@@ -109,7 +109,7 @@ def unpackable(scheme: QuantScheme) -> str | None:
     if w.strategy not in ("group", "channel"):
         return f"it stores one scale per group or per output channel, not per {w.strategy}"
     if scheme.input_activations is not None:
-        return "it is weight-only and no kernel here quantizes input activations"
+        return "it is weight-only (input activations are quantized only by the int-quantized layout)"
     return None
 
 

@@ -130,6 +130,11 @@ class Recipe(_Strict):
                 check_patterns(getattr(stage, "ignore", ()))
             except CompressError as error:
                 raise ValueError(f"has an invalid ignore pattern in stage {index} ({stage.method}): {error}") from None
+            activations = getattr(stage, "activations", "none")
+            if self.export.format == "gptq" and activations not in (None, "none"):
+                raise ValueError(f"exports the GPTQ layout, which is weight-only, but stage {index} ({stage.method}) "
+                                 f"quantizes input activations (activations: {activations}); export as "
+                                 "compressed-tensors instead")
         if not self.eval.enabled:
             needs_eval = [(field, flag) for field, flag in GATES_NEEDING_EVAL if getattr(self.eval, field) is not None]
             if needs_eval:
