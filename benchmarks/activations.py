@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_time, write_results  # noqa: E402
+from _common import median_time, spawn_recipe, write_results  # noqa: E402
 
 RUNS = [
     ("W8A16 GPTQ", {"method": "gptq", "bits": 8, "group_size": -1, "observer": "minmax"}),
@@ -32,23 +31,6 @@ RUNS = [
 ]
 PREFILL = (8, 256)  # batch x seq = 2048 tokens
 LAYERS = [(512, 512), (1024, 1024)]  # (in, out); torch's CPU _int_mm is slow, larger ones take minutes
-
-
-def run_one(spec: str) -> None:
-    import compress
-    from compress.recipes.loader import recipe_from_dict
-
-    job = json.loads(spec)
-    result = compress.run(recipe_from_dict(job["recipe"]), job["out"])
-    print(json.dumps({"metrics": result.metrics, "timings": result.timings}))
-
-
-def spawn(recipe: dict, out: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--one", json.dumps({"recipe": recipe, "out": str(out)})],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def model_prefill(folder: Path, demo: str) -> dict[str, float]:
@@ -98,12 +80,8 @@ def layer_prefill() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--num-samples", type=int, default=64)
     args = parser.parse_args()
-    if args.one:
-        run_one(args.one)
-        return
     from compress.models.load import DEMO_MODEL_DIR
 
     rows = []
@@ -113,7 +91,7 @@ def main() -> None:
                       "calibration": {"dataset": "demo-calib", "num_samples": args.num_samples},
                       "eval": {"dataset": "demo-heldout"}, "stages": [{**stage, "ignore": ["lm_head"]}]}
             out = Path(tmp) / label.replace(" ", "_")
-            m = spawn(recipe, out)["metrics"]
+            m = spawn_recipe(recipe, out)["metrics"]
             rows.append({"scheme": label, "ppl_fp32": m["baseline_ppl"], "ppl": m["ppl"],
                          "ppl_increase": m["ppl_increase"], "kl": m["kl"], "top1": m["top1"]})
             print(json.dumps(rows[-1]), flush=True)

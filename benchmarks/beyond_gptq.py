@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import spawn_recipe, write_results  # noqa: E402
 
 SETTINGS = [("W4g128", 4, 128), ("W4 per-channel", 4, -1), ("W3g128", 3, 128), ("W2g64", 2, 64)]
 METHODS: list[tuple[str, list[dict]]] = [
@@ -35,38 +32,12 @@ METHODS: list[tuple[str, list[dict]]] = [
 SECOND = Path(__file__).resolve().parent / "models" / "qwen2-256"
 
 
-def run_one(spec: str) -> None:
-    """Child mode: run one recipe, print its metrics, timings and this process's peak RSS as JSON."""
-    import compress
-    from compress.recipes.loader import recipe_from_dict
-
-    job = json.loads(spec)
-    start = time.perf_counter()
-    result = compress.run(recipe_from_dict(job["recipe"]), job["out"])
-    wall = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"metrics": result.metrics, "timings": result.timings, "wall_s": wall,
-                      "peak_rss_mb": peak_kb / 1024}))
-
-
-def spawn(recipe: dict, out: Path) -> dict:
-    job = json.dumps({"recipe": recipe, "out": str(out)})
-    done = subprocess.run([sys.executable, __file__, "--one", job], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["demo", *([str(SECOND)] if SECOND.is_dir() else [])])
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--settings", nargs="+", default=[label for label, _, _ in SETTINGS])
     args = parser.parse_args()
-    if args.one:
-        run_one(args.one)
-        return
     from compress.models.load import DEMO_MODEL_DIR
 
     rows = []
@@ -83,7 +54,7 @@ def main() -> None:
                               "eval": {"dataset": "demo-heldout"},
                               "stages": [{**stage, **scheme} for stage in stages]}
                     out = Path(tmp) / f"{name}-{label}-{method_label}".replace(" ", "_").replace("+", "_")
-                    got = spawn(recipe, out)
+                    got = spawn_recipe(recipe, out)
                     m = got["metrics"]
                     rows.append({"model": name, "setting": label, "method": method_label,
                                  "ppl_fp32": m["baseline_ppl"], "ppl": m["ppl"], "ppl_increase": m["ppl_increase"],

@@ -11,40 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import spawn_recipe, write_results  # noqa: E402
 
 SETTINGS = [("W4g128", 4, 128), ("W3g128", 3, 128), ("W2g64", 2, 64), ("W4 per-channel", 4, -1)]
 METHODS = [("RTN", {"method": "rtn"}), ("RTN mse", {"method": "rtn", "observer": "mse"}),
            ("GPTQ minmax", {"method": "gptq", "observer": "minmax"}),
            ("GPTQ", {"method": "gptq"}),  # the default: MSE clipping search
            ("GPTQ act-order", {"method": "gptq", "act_order": True})]
-
-
-def run_one(spec: str) -> None:
-    """Child mode: run one recipe, print its metrics and this process's peak RSS as JSON."""
-    import compress
-    from compress.recipes.loader import recipe_from_dict
-
-    job = json.loads(spec)
-    result = compress.run(recipe_from_dict(job["recipe"]), job["out"])
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"metrics": result.metrics, "timings": result.timings, "peak_rss_mb": peak_kb / 1024,
-                      "size_after_bytes": result.size_after_bytes, "size_before_bytes": result.size_before_bytes}))
-
-
-def spawn(recipe: dict, out: Path) -> dict:
-    job = json.dumps({"recipe": recipe, "out": str(out)})
-    done = subprocess.run([sys.executable, __file__, "--one", job], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def layer_errors(model_path: str, outputs: dict[str, Path], num_samples: int) -> dict[str, dict[str, float]]:
@@ -88,13 +66,9 @@ def layer_errors(model_path: str, outputs: dict[str, Path], num_samples: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["demo"])
     parser.add_argument("--num-samples", type=int, default=128)
     args = parser.parse_args()
-    if args.one:
-        run_one(args.one)
-        return
     from compress.models.load import DEMO_MODEL_DIR
 
     rows, per_layer = [], {}
@@ -109,7 +83,7 @@ def main() -> None:
                               "eval": {"dataset": "demo-heldout"},
                               "stages": [{"bits": bits, "group_size": group, **fields}]}
                     out = Path(tmp) / f"{name}-{label}-{method_label}".replace(" ", "_")
-                    got = spawn(recipe, out)
+                    got = spawn_recipe(recipe, out)
                     m = got["metrics"]
                     rows.append({"model": name, "setting": label, "method": method_label, "ppl_fp32": m["baseline_ppl"],
                                  "ppl": m["ppl"], "ppl_increase": m["ppl_increase"], "kl": m["kl"], "top1": m["top1"],

@@ -240,3 +240,13 @@ def write_pickle_only(family: str, folder: Path, *, seed: int = 0) -> Path:
         f.unlink()
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return folder
+
+
+CORPUS_WORDS = "the quick brown fox jumps over the lazy dog and a small model learns the next word".split()
+
+
+def write_rotated_corpus(path: Path, *, lines: int = 120, shift: int = 9) -> Path:
+    """A tiny calibration text: ``lines`` paragraphs, each the word list rotated by ``i % shift``."""
+    path.write_text("\n\n".join(" ".join(CORPUS_WORDS[i % shift:] + CORPUS_WORDS[: i % shift])
+                                  for i in range(lines)))
+    return path

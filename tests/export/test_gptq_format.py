@@ -21,7 +21,7 @@ from compress.core.scheme import QuantScheme
 from compress.export.gptq import from_gptq, layer_from_gptq, to_gptq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny import save_tiny  # noqa: E402
+from _tiny import save_tiny, write_rotated_corpus  # noqa: E402
 
 runner = CliRunner()
 
@@ -158,8 +158,7 @@ def test_fp32_scales_warn_on_the_compress_logger(caplog):
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("gptq-e2e")
     corpus = root / "calib.txt"
-    words = "the quick brown fox jumps over the lazy dog and a small model learns the next word".split()
-    corpus.write_text("\n\n".join(" ".join(words[i % 7:] + words[: i % 7]) for i in range(120)))
+    write_rotated_corpus(corpus, shift=7)
     return save_tiny("llama", root / "llama"), corpus
 
 

@@ -26,7 +26,7 @@ from compress.cli.main import app
 from compress.kernels.quant_linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny import save_tiny  # noqa: E402
+from _tiny import save_tiny, write_rotated_corpus  # noqa: E402
 
 runner = CliRunner()
 CASES = {"w4g32": ("--bits", "4", "--group-size", "32"),
@@ -47,8 +47,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("interop")
     model = save_tiny("llama", root / "llama")
     corpus = root / "calib.txt"
-    words = "the quick brown fox jumps over the lazy dog and a small model learns the next word".split()
-    corpus.write_text("\n\n".join(" ".join(words[i % 9:] + words[: i % 9]) for i in range(120)))
+    write_rotated_corpus(corpus)
     folders = {}
     for tag, flags in CASES.items():
         out = root / tag

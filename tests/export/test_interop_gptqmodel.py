@@ -62,7 +62,7 @@ from compress.cli.main import app
 from compress.kernels.quant_linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny import build_tokenizer  # noqa: E402
+from _tiny import build_tokenizer, write_rotated_corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("_gptqmodel_driver.py")
@@ -167,8 +167,7 @@ def loaded(tmp_path_factory) -> dict:
     try:
         bases = {family: _save_base(family, root / family) for family in ("llama", "qwen2")}
         corpus = root / "calib.txt"
-        words = "the quick brown fox jumps over the lazy dog and a small model learns the next word".split()
-        corpus.write_text("\n\n".join(" ".join(words[i % 9:] + words[: i % 9]) for i in range(60)))
+        write_rotated_corpus(corpus, lines=60)
         calibration = ("--dataset", str(corpus), "--num-samples", "4", "--seq-len", "32")
         folders = {}
         for tag, (family, flags) in EXPORTS.items():

@@ -27,7 +27,7 @@ from compress.kernels import quant_linear
 from compress.kernels.quant_linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny import save_tiny  # noqa: E402
+from _tiny import save_tiny, write_rotated_corpus  # noqa: E402
 
 runner = CliRunner()
 TOL = 1e-5
@@ -39,8 +39,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("w8a8")
     model = save_tiny("llama", root / "llama")
     corpus = root / "calib.txt"
-    words = "the quick brown fox jumps over the lazy dog and a small model learns the next word".split()
-    corpus.write_text("\n\n".join(" ".join(words[i % 9:] + words[: i % 9]) for i in range(120)))
+    write_rotated_corpus(corpus)
     out = {}
     for method in ("gptq", "rtn"):
         result = runner.invoke(app, ["quantize", str(model), "--scheme", "w8a8-int8", "--method", method,

@@ -65,6 +65,16 @@ def _probe_cpu(tokens: int = 2048, width: int = 512, repeats: int = 3) -> torch.
     return torch.bfloat16 if best(x.bfloat16()) * 1.5 <= best(x) else torch.float32
 
 
+def _input_rows(x: Tensor, in_features: int, freed: bool = False) -> Tensor:
+    """One batch of layer inputs ``[..., in_features]`` as rows ``[tokens, in_features]`` (detached), after
+    the checks every accumulator makes: not freed, and the width it was made for."""
+    if freed:
+        raise CompressError("these calibration statistics were already freed")
+    if x.shape[-1] != in_features:
+        raise CompressError(f"input has {x.shape[-1]} features, statistics expect {in_features}")
+    return x.detach().reshape(-1, in_features)
+
+
 class HessianStats:
     """Running ``H = 2/n Σ_t x_t x_tᵀ`` over all ``n`` calibration tokens, in float32 (see ``product_dtype``
     for the dtype of each batch's product).
@@ -99,11 +109,7 @@ class HessianStats:
 
     def add_batch(self, x: Tensor) -> None:
         """Fold one batch of layer inputs (``[..., in_features]``, any float dtype) into the average."""
-        if self._freed:
-            raise CompressError("these calibration statistics were already freed")
-        if x.shape[-1] != self.in_features:
-            raise CompressError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
-        x = x.detach().reshape(-1, self.in_features)
+        x = _input_rows(x, self.in_features, self._freed)
         m = x.shape[0]
         if m == 0:
             return
@@ -181,9 +187,7 @@ class InputNormStats:
         self._sq_norms: Tensor | None = None
 
     def add_batch(self, x: Tensor) -> None:
-        if x.shape[-1] != self.in_features:
-            raise CompressError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
-        x = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        x = _input_rows(x, self.in_features).to(torch.float32)
         if self._sq_norms is None:
             self._sq_norms = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
         self._sq_norms.add_(x.square().sum(dim=0).to(self._sq_norms.device))
@@ -228,11 +232,7 @@ class InputSampleStats:
         self._freed = False
 
     def add_batch(self, x: Tensor) -> None:
-        if self._freed:
-            raise CompressError("these calibration statistics were already freed")
-        if x.shape[-1] != self.in_features:
-            raise CompressError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
-        x = x.detach().reshape(-1, self.in_features)
+        x = _input_rows(x, self.in_features, self._freed)
         m = x.shape[0]
         if m == 0:
             return

@@ -92,8 +92,8 @@ def quantize(
             eval_seq_len=eval_seq_len,
         ),
     }
-    execute_recipe(recipe or (scheme if activations is not None else _preset_for(method)), flags, overrides=[], overwrite=overwrite, dry_run=dry_run,
-                   as_json=as_json, resume=resume)
+    base = recipe or (scheme if activations is not None else _preset_for(method))
+    execute_recipe(base, flags, overrides=[], overwrite=overwrite, dry_run=dry_run, as_json=as_json, resume=resume)
 
 
 def _preset_for(method: str | None) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from compress.calibrate.capture import BlockInput, block_output, capture_block_inputs, forward_batch_size
 from compress.core.errors import CompressError
-from compress.core.records import FACT_FIELDS, LayerRecord
+from compress.core.records import FACT_FIELDS, LayerRecord, LayerRecords
 from compress.kernels.quant_linear import QuantLinear
 from compress.pipeline.groups import BlockGroups, MakeStats, collect_stats, execution_groups
 
@@ -143,11 +143,7 @@ class BlockContext:
     def record_of(self, name: str) -> LayerRecord | None:
         """Layer ``name`` as the stages before in this block left it (their records merged); None when none
         touched it. Layer-wise stages share one sweep, so every earlier stage of a layer is here."""
-        record = None
-        for result in self.results:
-            if result.name == name:
-                record = result if record is None else record.then(result)
-        return record
+        return LayerRecords(r for r in self.results if r.name == name).get(name)
 
     def replace(self, name: str, replacement: nn.Module, *, original: Tensor, method: str, tag: str,
                 facts: Mapping[str, Any] | None = None, record: bool = True) -> None:
