@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = {"W2g128": (2, 128), "W2g64": (2, 64), "W3g128": (3, 128), "W4g128": (4, 128)}
+SETTINGS = {"W2g128": (2, 128), "W2g64": (2, 64), "W3g128": (3, 128), "W4g128": (4, 128), "W4pc": (4, -1)}
 VARIANTS = {  # label -> (stage fields, choose_qparams keyword overrides or None)
     "minmax": ({"observer": "minmax"}, None),
     "mse (ours)": ({"observer": "mse"}, None),
@@ -55,6 +55,8 @@ VARIANTS = {  # label -> (stage fields, choose_qparams keyword overrides or None
     "best of, act-order": ({"observer": "mse", "act_order": True}, {"best_of": True}),
     "best of 3 depths": ({"observer": "mse"}, {"best_of": True, "depths": True}),
     "best of 3 depths, act-order": ({"observer": "mse", "act_order": True}, {"best_of": True, "depths": True}),
+    "auto": ({"observer": "auto"}, None),
+    "auto act-order": ({"observer": "auto", "act_order": True}, None),
 }
 
 

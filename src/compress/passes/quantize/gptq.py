@@ -23,7 +23,7 @@ from compress.core.unpacked import UnpackedWeight
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
 from compress.passes.quantize._config import ActivationQuantConfig
-from compress.passes.quantize.gptq_math import GPTQResult, gptq_quantize
+from compress.passes.quantize.gptq_math import GPTQResult, gptq_quantize, output_error
 
 logger = logging.getLogger("compress")
 
@@ -33,13 +33,34 @@ data, decides the solution: we warn. The reference setup (128 × 2048 tokens) gi
 
 
 
+AUTO_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("minmax", {}),
+    ("mse", {"max_shrink": 0.2, "grid": 20}),
+    ("mse", {"max_shrink": 0.8, "grid": 80}),
+)
+"""The solves ``observer: auto`` compares per layer: no clipping, shallow clipping (the range llm-compressor's
+MSE observer searches) and our full search. The step is 0.01 of the range in both searches."""
+
+STORED_OBSERVER = {"minmax": "minmax", "mse": "mse", "imatrix": "mse"}
+"""The observer each setting runs as (and names in the export's ``observer`` field, compressed-tensors'
+vocabulary): ``imatrix`` is the Hessian-weighted search ``mse`` already is."""
+
+
 class GPTQConfig(ActivationQuantConfig):
     """GPTQ options; ``bits``, ``group_size``, ``symmetric`` and ``observer`` come from the base."""
 
     method: Literal["gptq"] = "gptq"
-    observer: Literal["minmax", "mse"] = "mse"
-    """GPTQ defaults to the clipping search: on the demo model it halves the W3g128 perplexity gap that
-    min/max scales leave (benchmarks/results/quality.md), for a few seconds more per model."""
+    observer: Literal["minmax", "mse", "auto", "imatrix"] = "mse"
+    """How group scales are chosen inside the sweep:
+
+    - ``minmax``: the full range (llm-compressor's default);
+    - ``mse``: the clipping search (81 ratios down to 0.2 of the range) minimising the group's squared error
+      weighted by the Hessian diagonal, i.e. by each input channel's mean squared activation. That weighting
+      is llama.cpp's importance matrix, so ``imatrix`` is accepted as the same search;
+    - ``auto``: per layer, the whole sweep run with min/max, the search limited to shrinks <= 0.2 and the full
+      search, keeping the solve with the lowest output error ``tr((W-Ŵ) H (W-Ŵ)ᵀ)``. A per-group weight
+      error does not see GPTQ's error feedback, and at 2 bits the deep search over-clips: on qwen2-256 at
+      W2g128 ``auto`` cut the KL by 17% (benchmarks/results/low_bits_depths.md). Three solves per layer."""
     damp: float = Field(0.01, gt=0, lt=1)
     """Relative dampening: ``λ = damp · mean(diag H)`` added to the diagonal before inverting."""
     block_size: int = Field(128, gt=0)
@@ -96,6 +117,8 @@ class GPTQPass(LayerPass):
     def __init__(self, config: GPTQConfig) -> None:
         super().__init__(config)
         self._warned_widths: set[int] = set()
+        self._chosen: dict[str, str] = {}
+        """Layer name → the observer ``auto`` kept for it (what its record names)."""
 
     def check_layer(self, name: str, linear: nn.Linear) -> None:
         self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
@@ -108,6 +131,8 @@ class GPTQPass(LayerPass):
         """The observer, and ``actorder: weight`` when columns ran in activation order with contiguous groups
         (per-channel scales leave no trace of the order, as ``gptq_math`` reports)."""
         facts = super().record_facts(name, module)
+        if facts:
+            facts["observer"] = self._chosen.get(name, STORED_OBSERVER.get(self.config.observer, "mse"))
         if facts and self.config.act_order and not module.scheme.per_channel:
             facts["actorder"] = "weight"
         return facts
@@ -133,20 +158,34 @@ class GPTQPass(LayerPass):
         cfg = self.config
         scheme = cfg.scheme_for(k)
         dtype = scale_dtype_for(linear.weight.dtype)
-        result = gptq_quantize(
-            linear.weight.detach(),
-            stats.hessian,
-            scheme.weight_only,  # only the weight side is solved; W8A8 inputs are quantized at run time
-            block_size=cfg.block_size,
-            damp=cfg.damp,
-            act_order=cfg.act_order,
-            static_groups=cfg.static_groups,
-            observer=cfg.observer,
-            scale_dtype=dtype,
-            keep_mask=linear.weight.detach() != 0 if keep_zeros else None,
-            log=lambda msg: logger.warning("layer %s: %s", name, msg),
-        )
-        logger.debug("layer %s: GPTQ loss %.6g (damp %g)", name, result.loss, result.damp_used)
+        hessian = stats.hessian
+        candidates = AUTO_CANDIDATES if cfg.observer == "auto" else ((STORED_OBSERVER[cfg.observer], {}),)
+        best: tuple[float, str, GPTQResult] | None = None
+        for observer, options in candidates:
+            result = gptq_quantize(
+                linear.weight.detach(),
+                hessian,
+                scheme.weight_only,  # only the weight side is solved; W8A8 inputs are quantized at run time
+                block_size=cfg.block_size,
+                damp=cfg.damp,
+                act_order=cfg.act_order,
+                static_groups=cfg.static_groups,
+                observer=observer,
+                observer_options=options,
+                scale_dtype=dtype,
+                keep_mask=linear.weight.detach() != 0 if keep_zeros else None,
+                log=lambda msg: logger.warning("layer %s: %s", name, msg),
+            )
+            if len(candidates) == 1:
+                best = (0.0, observer, result)
+                break
+            error = output_error(linear.weight, result.weight, hessian)
+            if best is None or error < best[0]:  # ties keep the earlier, simpler candidate
+                best = (error, observer, result)
+        assert best is not None
+        _, chosen, result = best
+        self._chosen[name] = chosen
+        logger.debug("layer %s: GPTQ loss %.6g (damp %g, %s)", name, result.loss, result.damp_used, chosen)
         bias = None if linear.bias is None else linear.bias.detach()
         if scheme.input_activations is not None:  # W8A8-int8: the solved codes as int8, int-quantized
             storage = UnpackedWeight(result.codes.to(torch.int8).contiguous(), result.scale.to(dtype).contiguous(),

@@ -21,8 +21,9 @@ Groups and act-order (compressed-tensors' ``actorder`` vocabulary):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,6 +73,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     observer: str = "minmax",
+    observer_options: Mapping[str, Any] | None = None,
     scale_dtype: torch.dtype = torch.float32,
     keep_mask: Tensor | None = None,
     log: Callable[[str], None] | None = None,
@@ -83,13 +85,15 @@ def gptq_quantize(
     ``keep_mask`` (bool ``[out, in]``) preserves an earlier pruning: weights outside it are quantized
     to exactly zero (the zero point's code) and the OBS update moves their error onto kept weights, so a
     prune stage followed by GPTQ keeps its sparsity pattern. ``log`` receives a sentence whenever the
-    damping had to be raised.
+    damping had to be raised. ``observer_options`` go to ``choose_qparams`` with the observer (the clipping
+    search's ``max_shrink`` and ``grid``).
     """
     scheme.validate()
     if block_size <= 0:
         raise CompressError(f"block size must be positive, got {block_size}")
     if observer not in OBSERVERS:
         raise CompressError(f"unknown observer {observer!r}; use {' or '.join(OBSERVERS)}")
+    options = dict(observer_options or {})
     h, w, _dead = prepare_hessian(hessian, weight)
     out_f, in_f = w.shape
     gs = scheme.effective_group_size(in_f)
@@ -106,7 +110,7 @@ def gptq_quantize(
     zp = torch.zeros(out_f, n_groups, dtype=torch.int32, device=w.device)
     static = static_groups or scheme.per_channel  # one group: computing it first is the same thing
     if static:
-        s, z = choose_qparams(w, scheme, observer=observer, importance=importance)
+        s, z = choose_qparams(w, scheme, observer=observer, importance=importance, **options)
         scale, zp = storable_scale(s, scale_dtype), z
 
     perm = invperm = None
@@ -141,7 +145,8 @@ def gptq_quantize(
                 current = group_columns_now(w, w1, err1, u, i1, i2, col, end)
                 if keep is not None:
                     current = current * keep[:, col:end]
-                s, z = choose_qparams(current, scheme, observer=observer, importance=importance[col:end])
+                s, z = choose_qparams(current, scheme, observer=observer, importance=importance[col:end],
+                                      **options)
                 g = group_list[col]
                 scale[:, g], zp[:, g] = storable_scale(s[:, 0], scale_dtype), z[:, 0]
                 column.set(g, scale[:, g], zp[:, g])
@@ -208,3 +213,10 @@ class _ColumnQuantizer:
         if not self.symmetric:
             q = q - z
         return q * s
+
+
+def output_error(weight: Tensor, dequantized: Tensor, hessian: Tensor) -> float:
+    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the squared output error ``‖(W - Ŵ) X‖²`` (times ``2/n``) on the
+    calibration inputs the Hessian summarises, the score that compares whole solves of one layer."""
+    delta = weight.detach().float() - dequantized.float()
+    return float(((delta @ hessian.float().to(delta.device)) * delta).sum())

@@ -1,6 +1,9 @@
-"""Round-to-nearest weight quantization: no calibration, min/max scales per group.
+"""Round-to-nearest weight quantization: min/max scales per group, or a clipping search.
 
-The baseline every other method must beat, and the fastest way to a packed checkpoint.
+The baseline every other method must beat, and the fastest way to a packed checkpoint. It reads no data,
+except with ``observer: imatrix`` (llama.cpp's importance matrix): the clipping search then weighs each
+input column's squared error by that channel's mean squared calibration activation, so the scales are
+fitted where the inputs have energy, at the cost of one calibration pass (a vector per layer, no Hessian).
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from typing import Any, Literal
 
 from torch import nn
 
+from compress.calibrate.stats import InputNormStats
 from compress.codecs import quantize_linear
+from compress.core.errors import CompressError
 from compress.core.observers import choose_qparams
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
@@ -18,6 +23,9 @@ from compress.passes.quantize._config import ActivationQuantConfig
 
 class RTNConfig(ActivationQuantConfig):
     method: Literal["rtn"] = "rtn"
+    observer: Literal["minmax", "mse", "imatrix"] = "minmax"
+    """``minmax`` (no data), ``mse`` (clipping search on the plain weight error, no data) or ``imatrix``
+    (the same search weighted by each input channel's mean squared calibration activation)."""
 
 
 @PASSES.register("rtn")
@@ -28,21 +36,41 @@ class RTNPass(LayerPass):
     needs_calibration = False
     config: RTNConfig
 
+    def __init__(self, config: RTNConfig) -> None:
+        super().__init__(config)
+        self.needs_calibration = config.observer == "imatrix"  # only the weighted search reads data
+
+    def make_stats(self, name: str, linear: nn.Linear) -> InputNormStats | None:
+        return InputNormStats(linear.in_features) if self.config.observer == "imatrix" else None
+
+    def record_facts(self, name: str, module: nn.Module) -> dict[str, Any]:
+        """``imatrix`` is written as compressed-tensors' ``mse``: a clipping search chose the scales."""
+        facts = super().record_facts(name, module)
+        if facts.get("observer") == "imatrix":
+            facts["observer"] = "mse"
+        return facts
+
+    def _importance(self, name: str, stats: Any | None):
+        if self.config.observer != "imatrix":
+            return None
+        if not isinstance(stats, InputNormStats) or stats.tokens == 0:
+            raise CompressError(f"the imatrix observer needs calibration inputs for layer {name}, and saw none")
+        return stats.sq_norms / stats.tokens
+
     def check_layer(self, name: str, linear: nn.Linear) -> None:
         self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
 
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         scheme = self.config.scheme_for(linear.in_features)
+        importance = self._importance(name, stats)
+        qparams = {}
+        if self.config.observer != "minmax":
+            qparams = dict(zip(("scale", "zero_point"),
+                               choose_qparams(linear.weight.detach(), scheme.weight_only, observer="mse",
+                                              importance=importance), strict=True))
         if scheme.input_activations is not None:  # W8A8-int8: int8 codes, inputs quantized at run time
-            qparams = {} if self.config.observer == "minmax" else dict(zip(
-                ("scale", "zero_point"), choose_qparams(linear.weight.detach(), scheme.weight_only,
-                                                        observer=self.config.observer), strict=True))
             return quantize_linear(linear, scheme, format=self.config.storage_format, **qparams)
-        if self.config.observer == "minmax":
-            quantized = QuantLinear.from_linear(linear, scheme)
-        else:
-            scale, zero_point = choose_qparams(linear.weight.detach(), scheme, observer=self.config.observer)
-            quantized = QuantLinear.from_linear(linear, scheme, scale=scale, zero_point=zero_point)
+        quantized = QuantLinear.from_linear(linear, scheme, **qparams)
         # zero lies in every group's range, so an earlier stage's pruned weights stay exactly zero: the layer's
         # record keeps its sparsity pattern (the observer is the default ``record_facts``)
         return quantized
