@@ -28,7 +28,7 @@ from compress.core.errors import CompressError
 from compress.core.qargs import ACTORDERS, QuantArgs
 from compress.core.scheme import QuantScheme
 
-FACT_FIELDS = ("observer", "actorder", "sparsity")
+FACT_FIELDS = ("observer", "actorder", "sparsity", "lowrank")
 """What a pass may state about a layer it produced (``Pass.record_facts``), beyond what the module says."""
 
 
@@ -57,6 +57,8 @@ class LayerRecord:
     """Pruning pattern: ``unstructured``, ``2:4``, ...; None for a layer no stage pruned."""
     rel_weight_error: float | None = None
     """``‖Ŵ - W‖ / ‖W‖`` of the last stage that quantized the layer, against the weight it was given."""
+    lowrank: int | None = None
+    """Rank of the low-rank error compensation the layer carries (``lowrank`` stage); None without one."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -66,6 +68,8 @@ class LayerRecord:
                                 f"and {self.tags}")
         if self.actorder not in ACTORDERS:
             raise CompressError(f"the record of layer {self.name} has an unknown actorder {self.actorder!r}")
+        if self.lowrank is not None and (not isinstance(self.lowrank, int) or self.lowrank <= 0):
+            raise CompressError(f"the record of layer {self.name} has an invalid low-rank rank {self.lowrank!r}")
 
     @property
     def method(self) -> str:
@@ -106,6 +110,7 @@ class LayerRecord:
             "actorder": self.actorder,
             "sparsity": self.sparsity,
             "rel_weight_error": self.rel_weight_error,
+            **({} if self.lowrank is None else {"lowrank": self.lowrank}),
         }
 
     @classmethod
@@ -118,7 +123,8 @@ class LayerRecord:
                        out_features=int(data["out_features"]),
                        scheme=None if scheme is None else QuantScheme.from_config_group(scheme),
                        format=data.get("format"), observer=data.get("observer"), actorder=data.get("actorder"),
-                       sparsity=data.get("sparsity"), rel_weight_error=data.get("rel_weight_error"))
+                       sparsity=data.get("sparsity"), rel_weight_error=data.get("rel_weight_error"),
+                       lowrank=data.get("lowrank"))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CompressError(f"a saved layer record is malformed ({type(error).__name__}: {error})") from None
 
@@ -133,13 +139,15 @@ class LayerRecord:
             "actorder": self.actorder,
             "sparsity": self.sparsity,
             "rel_weight_error": _round(self.rel_weight_error),
+            **({} if self.lowrank is None else {"lowrank_rank": self.lowrank}),
         }
 
     def report_entry(self) -> dict[str, Any]:
         """The entry of ``report.json``'s ``layers``: one stage's metrics for one layer, as it always was
         (``scheme`` is the stage's tag)."""
         return {"name": self.name, "method": self.method, "scheme": self.tags[-1], "in_features": self.in_features,
-                "out_features": self.out_features, "rel_weight_error": self.rel_weight_error}
+                "out_features": self.out_features, "rel_weight_error": self.rel_weight_error,
+                **({} if self.lowrank is None else {"lowrank_rank": self.lowrank})}
 
 
 class LayerRecords(Mapping[str, LayerRecord]):

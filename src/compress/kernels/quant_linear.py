@@ -10,6 +10,12 @@ scheme rebuilt); ``format`` names the codec that wrote them (``compress.codecs``
 through the layer's kernel path (``kernels/paths.py``) and never branches on the device. A scheme with
 input activations (W8A8-int8) has its input quantized per token first, unless the path does it itself
 (``kernels/int8_act.py``).
+
+Low-rank compensation (``set_lowrank``, EoRA): optional factors ``lora_A [r, in]`` and ``lora_B [out, r]`` in
+the scales' dtype, added as ``y = Ŵx + B(Ax)`` after whichever path computed ``Ŵx``, on the unquantized
+input. They are buffers, so ``.to`` moves them and the sweep's resume checkpoint (``block.state_dict()``)
+keeps them, and a module built without them accepts them from a state dict; the exporter writes them to a
+PEFT adapter beside the checkpoint, never among the codec's tensors (``compress.export.adapter``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from compress.kernels.ops import dequant_matmul
 from compress.kernels.reference import compute_dtype
 
 PACKED_FORMAT = "pack-quantized"
+LOWRANK_LEAVES = ("lora_A", "lora_B")
+"""State-dict leaves of the compensation factors (PEFT's names, without its ``.weight``)."""
 
 
 class QuantLinear(nn.Module):
@@ -70,6 +78,8 @@ class QuantLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device)) if bias else None
         )
+        self.lora_A: Tensor | None = None
+        self.lora_B: Tensor | None = None
 
     @classmethod
     def from_linear(
@@ -136,6 +146,57 @@ class QuantLinear(nn.Module):
             raise CompressError(f"layer stored as {self.format} has no pack-quantized tensors")
         return storage
 
+    # ---- low-rank compensation ------------------------------------------------------------------------
+    @property
+    def lowrank_rank(self) -> int | None:
+        """The rank of the compensation factors; None without them."""
+        return None if self.lora_A is None else int(self.lora_A.shape[0])
+
+    def set_lowrank(self, a: Tensor | None, b: Tensor | None) -> None:
+        """Attach (or, with ``None``, remove) factors ``a [r, in]``, ``b [out, r]``: kept in the scales' dtype."""
+        if a is None or b is None:
+            self._buffers.pop("lora_A", None)
+            self._buffers.pop("lora_B", None)
+            self.lora_A = self.lora_B = None
+            return
+        rank = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or tuple(a.shape) != (rank, self.in_features) \
+                or tuple(b.shape) != (self.out_features, rank) or rank == 0:
+            raise CompressError(f"low-rank factors of shapes {list(a.shape)} and {list(b.shape)} do not fit a "
+                                f"{self.out_features}x{self.in_features} layer")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise CompressError("low-rank factors must be floating point")
+        dtype = self.weight_scale.dtype if self.weight_scale.is_floating_point() else torch.float32
+        device = self.weight_scale.device
+        for name in LOWRANK_LEAVES:
+            self._buffers.pop(name, None)
+        self.__dict__.pop("lora_A", None)
+        self.__dict__.pop("lora_B", None)
+        self.register_buffer("lora_A", a.detach().to(device=device, dtype=dtype).contiguous())
+        self.register_buffer("lora_B", b.detach().to(device=device, dtype=dtype).contiguous())
+
+    def lowrank_weight(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """``B A`` ``[out, in]`` (None without factors)."""
+        if self.lora_A is None or self.lora_B is None:
+            return None
+        return self.lora_B.to(dtype) @ self.lora_A.to(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A module built without factors takes them from a state dict that has them (resume, ``load``)."""
+        a, b = state_dict.get(prefix + "lora_A"), state_dict.get(prefix + "lora_B")
+        if a is not None and b is not None and self.lora_A is None:
+            self.set_lowrank(a, b)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _compensate(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.lora_A is None or self.lora_B is None:
+            return y
+        dtype = compute_dtype(x)
+        low = F.linear(F.linear(x.to(dtype), self.lora_A.to(dtype)), self.lora_B.to(dtype))
+        return (y.to(dtype) + low).to(y.dtype)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight ``[out, in]`` a reader reconstructs."""
         return self.storage().dequantize(dtype)
@@ -170,6 +231,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise CompressError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        return self._compensate(x, self._quantized_forward(x))
+
+    def _quantized_forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise CompressError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         acts = self.scheme.input_activations
         if acts is not None and not getattr(self.kernel, "quantizes_inputs", False):
             x = fake_quantize_input(x, acts)  # W8A8: every path computes on the per-token quantized input
@@ -186,4 +252,5 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.tag}, "
             f"format={self.format}, bias={self.bias is not None}"
+            + ("" if self.lora_A is None else f", lowrank={self.lowrank_rank}")
         )
