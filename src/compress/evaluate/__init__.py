@@ -15,7 +15,8 @@ _EXPORTS = {
         "LMScores", "ComparisonScores", "EmbeddingScores", "perplexity", "compare_lm",
         "mean_pooled_embeddings", "compare_embeddings",
     ),
-    "size": ("dir_size_bytes", "parameter_count", "weights_bytes_by_component", "safetensors_header_meta"),
+    "size": ("dir_size_bytes", "parameter_count", "weights_bytes_by_component", "safetensors_header_meta",
+             "lowrank_header_meta"),
     "gates": ("Gate", "check_gates", "raise_if_failed"),
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

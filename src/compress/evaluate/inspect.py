@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from compress.codecs import Codec, layer_plan
 from compress.core.errors import CompressError
 from compress.evaluate.size import (
+    lowrank_header_meta,
     safetensors_header_meta,
     weights_bytes_by_component,
 )
@@ -51,7 +52,8 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
         fmt = str(options["checkpoint_format"])
     else:
         fmt = quant.get("format", "dense") if isinstance(quant, dict) else "dense"
-    report = _report(folder, config, fmt, layers, meta, set(codecs), weights_bytes_by_component(meta, codecs))
+    by_component = weights_bytes_by_component({**meta, **lowrank_header_meta(folder)}, codecs)
+    report = _report(folder, config, fmt, layers, meta, set(codecs), by_component)
     if sparse:
         report["sparse"] = sparse
     return report

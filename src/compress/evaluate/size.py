@@ -16,10 +16,16 @@ from torch import nn
 
 from compress.codecs import Codec, all_codecs
 from compress.core.errors import CompressError
+from compress.export.adapter import ADAPTER_DIR
+from compress.export.adapter import ADAPTER_WEIGHTS as ADAPTER_FILE
 
 QUANTIZED = "quantized weights"
 QPARAMS = "scales/zeros"
 DENSE = "dense"
+LOWRANK = "lowrank"
+"""Low-rank compensation factors (the ``lowrank/`` PEFT adapter beside the shards, ``export.adapter``)."""
+ADAPTER_WEIGHTS = (ADAPTER_DIR, ADAPTER_FILE)
+"""Where that adapter's tensors are, relative to the model folder."""
 
 # safetensors header dtype names (get_dtype()) and torch spellings, to bytes per element.
 _DTYPE_BYTES: dict[str, float] = {
@@ -31,9 +37,11 @@ _DTYPE_BYTES: dict[str, float] = {
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """Weight files in a model folder; ``training_args.bin`` is a pickled config, not weights."""
+    """Weight files in a model folder; ``training_args.bin`` is a pickled config, not weights. The low-rank
+    compensation adapter (``lowrank/adapter_model.safetensors``) is part of the model: it counts."""
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-    return [f for f in files if f.name != "training_args.bin"]
+    adapter = path.joinpath(*ADAPTER_WEIGHTS)
+    return [f for f in files if f.name != "training_args.bin"] + ([adapter] if adapter.is_file() else [])
 
 
 def dir_size_bytes(path: str | Path) -> int:
@@ -45,7 +53,7 @@ def dir_size_bytes(path: str | Path) -> int:
     if not path.is_dir():
         raise CompressError(f"{path} is not a directory")
     files = _weight_files(path)
-    if not files:
+    if not files or files == [path.joinpath(*ADAPTER_WEIGHTS)]:
         raise CompressError(f"no weight files (*.safetensors, *.bin) in {path}")
     return sum(f.stat().st_size for f in files)
 
@@ -94,7 +102,8 @@ def stored_layers(names: Iterable[str]) -> dict[str, Codec]:
 
 def weights_bytes_by_component(tensors_meta: Mapping[str, tuple[str, list[int]]],
                                codecs: Mapping[str, Codec] | None = None) -> dict[str, int]:
-    """Bytes grouped into quantized weights, their scales/zeros/indices, and everything left dense.
+    """Bytes grouped into quantized weights, their scales/zeros/indices, and everything left dense (plus
+    ``lowrank``, the compensation factors, when ``tensors_meta`` names adapter tensors: ``lowrank_header_meta``).
 
     Each stored layer's codec (``codecs``: prefix → codec, found from the tensor names when not given) says
     which of its leaves hold codes (the quantized weights, or the kept values of a sparse layer, which count
@@ -105,19 +114,41 @@ def weights_bytes_by_component(tensors_meta: Mapping[str, tuple[str, list[int]]]
         codecs = stored_layers(tensors_meta)
     out = {QUANTIZED: 0, QPARAMS: 0, DENSE: 0}
     for name, (dtype, shape) in tensors_meta.items():
+        if name.startswith(LOWRANK_PREFIX):
+            out.setdefault(LOWRANK, 0)
         key = str(dtype).removeprefix("torch.")
         if key not in _DTYPE_BYTES:
             raise CompressError(f"tensor {name} has an unknown dtype {dtype!r}")
         size = math.ceil(math.prod(shape) * _DTYPE_BYTES[key])
         prefix, _, leaf = name.rpartition(".")
         codec = codecs.get(prefix)
-        if codec is not None and leaf in codec.code_leaves:
+        if name.startswith(LOWRANK_PREFIX):
+            out[LOWRANK] += size
+        elif codec is not None and leaf in codec.code_leaves:
             out[QUANTIZED if codec.quantized else DENSE] += size
         elif codec is not None and leaf in codec.leaves:
             out[QPARAMS] += size
         else:  # dense layers, norms, embeddings, and a stored layer's bias
             out[DENSE] += size
     return out
+
+
+LOWRANK_PREFIX = "lowrank/"
+"""How ``lowrank_header_meta`` prefixes the adapter's tensor names (no checkpoint tensor name has a slash)."""
+
+
+def lowrank_header_meta(path: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """``{"lowrank/<tensor>": (dtype, shape)}`` of the compensation adapter's file; empty without one. Merge it
+    into ``safetensors_header_meta`` to have ``weights_bytes_by_component`` count the factors."""
+    file = Path(path).joinpath(*ADAPTER_WEIGHTS)
+    if not file.is_file():
+        return {}
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return {LOWRANK_PREFIX + n: (fh.get_slice(n).get_dtype(), list(fh.get_slice(n).get_shape()))
+                    for n in fh.keys()}  # noqa: SIM118
+    except SafetensorError as exc:
+        raise CompressError(f"{file} is not a readable safetensors file: {exc}") from exc
 
 
 def safetensors_header_meta(path: str | Path) -> dict[str, tuple[str, list[int]]]:

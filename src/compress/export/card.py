@@ -174,6 +174,32 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _lowrank_section(records: list[LayerRecord]) -> list[str]:
+    """How to use the low-rank compensation adapter (``compress.export.adapter``), when layers carry one."""
+    ranks = Counter(r.lowrank for r in records if r.lowrank is not None)
+    if not ranks:
+        return []
+    return [
+        "## Low-rank error compensation",
+        "",
+        f"{sum(ranks.values())} layers carry low-rank factors of their quantization error (rank "
+        f"{_counted(ranks)}; EoRA: fitted in the activation-weighted norm on the calibration data), so each",
+        "computes `Ŵx + B(Ax)`. The factors are a PEFT LoRA adapter in `lowrank/` (`lora_alpha = r`); the main",
+        "checkpoint above does not include them. `compress.load(\"path/to/this/folder\")` applies them. With",
+        "transformers, load the model as above, then attach the adapter (checked with peft 0.21 on transformers",
+        "5.24 + compressed-tensors 0.20):",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(model, \"path/to/this/folder/lowrank\")",
+        "```",
+        "",
+        "Without it, transformers, vLLM and the other readers serve the plain quantized model (its eval below",
+        "is measured with the compensation, through `compress.load`).",
+        "",
+    ]
+
+
 def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[str, Any] | None,
                 evaluation: dict[str, Any] | None,
                 records: Mapping[str, LayerRecord] | Iterable[LayerRecord], tool_version: str,
@@ -219,7 +245,7 @@ def render_card(*, source_model: str, recipe: dict[str, Any], calibration: dict[
             f"`{calibration.get('fingerprint')}`).",
             "",
         ]
-    lines += [*_load_section(fmt, recipe), "", *_eval_section(evaluation)]
+    lines += [*_load_section(fmt, recipe), "", *_lowrank_section(layers), *_eval_section(evaluation)]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -24,6 +24,7 @@ from compress.codecs import CODECS
 from compress.codecs.sparse_bitmask import SPARSE_BITMASK
 from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
+from compress.export.adapter import is_lowrank_key, lowrank_modules
 from compress.kernels.quant_linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -65,7 +66,8 @@ def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense",
     Pruned dense layers are written as ordinary dense weights (their zeros included), which every reader
     loads; ``sparse_format="bitmask"`` stores them in compressed-tensors' ``sparse-bitmask`` layout instead
     (kept values + a bit per weight), smaller on disk but readable only by ``compress.load`` today. Pruned
-    layers that were also quantized keep their packed codes (zeros are codes like any other)."""
+    layers that were also quantized keep their packed codes (zeros are codes like any other). Low-rank
+    compensation factors are left out: ``export.adapter.write_adapter`` writes them beside the shards."""
     if sparse_format not in SPARSE_FORMATS:
         raise ValueError(f"unknown sparse format {sparse_format!r}")
     tensors: dict[str, torch.Tensor] = {}
@@ -73,6 +75,7 @@ def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense",
     from_conv1d = {
         name for name, module in model.named_modules() if getattr(module, "_compress_from_conv1d", False)
     }
+    compensated = set(lowrank_modules(model))  # their factors go to the PEFT adapter (export.adapter)
     sparse_dense = set() if sparse_format == "dense" else {
         name for name in sparse_modules(model, records) if not isinstance(model.get_submodule(name), QuantLinear)}
     for name, tensor in model.state_dict(keep_vars=False).items():
@@ -82,6 +85,8 @@ def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense",
         if key is not None:
             seen.add(key)
         module_name, _, leaf = name.rpartition(".")
+        if module_name in compensated and is_lowrank_key(name):
+            continue
         if leaf == "weight" and module_name in from_conv1d:
             tensor = tensor.t()
         if leaf == "weight" and module_name in sparse_dense:

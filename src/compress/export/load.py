@@ -5,7 +5,8 @@ layers it stores (``compress.codecs.layer_plan``) and rebuilds them: quantized l
 ``QuantLinear`` holding the codes in their layout (never a dequantized copy), dense-value layouts (bitmask
 sparsity) are decoded into the architecture's own layer; then the safetensors shards are loaded. Every
 tensor is validated against the config before it is trusted: a checkpoint that disagrees with itself is a
-``CompressError`` naming the tensor and file.
+``CompressError`` naming the tensor and file. A ``lowrank/`` PEFT adapter (low-rank error compensation,
+``compress.export.adapter``) is applied to the quantized layers it targets.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from compress.codecs import StoredLayer, check_quant_config, layer_plan, scheme_
 from compress.core.errors import CompressError
 from compress.core.records import LayerRecord, LayerRecords
 from compress.core.targets import matches_any
+from compress.export.adapter import apply_adapter
 from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear
@@ -162,6 +164,7 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
             tensors[key] = tensors[key].t().contiguous()
 
     _load_state(model, tensors, origin, folder)
+    apply_adapter(model, folder)  # low-rank compensation factors (lowrank/), when the export has them
     target_device = _resolve_device(device)
     if dtype is not None:
         for module in model.modules():

@@ -19,6 +19,7 @@ from compress.core.errors import CompressError
 from compress.core.records import LayerRecord, LayerRecords
 from compress.evaluate.gates import check_gates
 from compress.evaluate.size import dir_size_bytes
+from compress.export.adapter import write_adapter
 from compress.export.card import write_card
 from compress.export.checkpoint import (
     BITMASK_PREFIX,
@@ -111,6 +112,7 @@ def write_export(model, loaded: LoadedModel, staging: Path, recipe: Recipe, all_
         write_quantize_config(staging, quant_config)
     write_weights(tensors, staging, parse_size(recipe.export.max_shard_size),
                   stem=BITMASK_PREFIX if sparse_format == "bitmask" and sparse_modules(model, records) else "model")
+    write_adapter(model, staging)  # low-rank compensation factors, if any: lowrank/ (a PEFT adapter)
     write_config(model.config, staging, quant_config)
     generation = getattr(model, "generation_config", None)
     if generation is not None and loaded.kind == "causal-lm":
