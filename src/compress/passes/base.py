@@ -13,6 +13,10 @@ and swaps in whatever modules it returns. Three scopes, because methods differ i
 
 ``ModelPass`` changes the model's shape (structured pruning); the pipeline drives it through the same
 sweep, with the family layouts of ``compress.models.structure`` naming the layers it slices.
+
+``TransformPass`` changes the model's basis without changing its function (QuaRot-style rotations of the
+residual stream): data-free, over every block and the embedding and head, before the layer-wise stages
+quantize what it rotated; ``compress.models.rotation`` names the modules it is handed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from compress.kernels.quant_linear import QuantLinear
 if TYPE_CHECKING:
     from compress.passes.groups import Group
 
-Scope = Literal["layer", "group", "block", "model"]
+Scope = Literal["layer", "group", "block", "model", "transform"]
 
 
 class PassConfig(BaseModel):
@@ -212,6 +216,55 @@ class ModelPass(Pass):
     scope: ClassVar[Scope] = "model"
     needs_calibration: ClassVar[bool] = True
     changes_shapes: ClassVar[bool] = True
+
+
+@dataclass
+class ResidualEnds:
+    """The modules outside the blocks that read or write the residual stream."""
+
+    embedding: nn.Embedding
+    """Writes it: each token's row is the first residual."""
+    final_norm: nn.Module
+    """The last norm (RMSNorm: ``x / rms(x) · weight``), read by the head."""
+    head: nn.Linear
+    """Reads the final norm's output (the LM head; already untied from the embedding)."""
+
+
+@dataclass
+class ResidualBlock:
+    """One block's modules around the residual stream, and its attention's head layout."""
+
+    norms: list[tuple[nn.Module, list[nn.Linear]]]
+    """Each norm reading the residual (RMSNorm) with every linear reading its output (q/k/v; gate/up)."""
+    writers: list[nn.Linear]
+    """The linears whose output is added to the residual (o_proj, down_proj)."""
+    value: nn.Linear
+    """The value projection: rows ``[g·head_dim, (g+1)·head_dim)`` are KV head ``g``."""
+    output: nn.Linear
+    """The attention output projection: columns ``[h·head_dim, (h+1)·head_dim)`` read query head ``h``."""
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+class TransformPass(Pass):
+    """A data-free change of basis of the whole model that leaves its function unchanged before quantization
+    (an orthogonal rotation of the residual stream, with the norms folded into their readers).
+
+    The pipeline (``compress.pipeline.rotation``) calls ``transform_ends`` once, before block 0, with the
+    embedding, the final norm and the head, then ``transform_block`` for each block as the sweep reaches it
+    (so a streamed model is rotated block by block), before any other stage of that block's sweep. A transform
+    rewrites every linear, so it comes before every stage that quantizes or prunes (``stage_order``)."""
+
+    scope: ClassVar[Scope] = "transform"
+
+    @abstractmethod
+    def transform_ends(self, ends: ResidualEnds) -> None:
+        """Rotate (in place) what sits outside the blocks."""
+
+    @abstractmethod
+    def transform_block(self, block: ResidualBlock) -> None:
+        """Rotate (in place) one block's linears and fold its norms."""
 
 
 PASSES: Registry[type[Pass]] = Registry("method")

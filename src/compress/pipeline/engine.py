@@ -23,9 +23,10 @@ from compress.core.records import LayerRecord, LayerRecords
 from compress.models.blocks import find_blocks, select_layers
 from compress.models.producers import linear_producers
 from compress.passes import PASSES
-from compress.passes.base import Pass
+from compress.passes.base import Pass, TransformPass
 from compress.passes.prune.structured import StructuredPrune
 from compress.pipeline.phases import phase_checkpoint, run_phase, split_phases
+from compress.pipeline.rotation import RotateStep, check_rotation
 from compress.pipeline.sequential import Step
 from compress.pipeline.stage_order import check_stage_order
 from compress.pipeline.steps import PassStep
@@ -45,6 +46,8 @@ class Records(list[LayerRecord]):
         """Per structured stage: what was asked and removed, per block what was kept, block scores."""
         self.stages: list[tuple[Pass, list[str]]] = []
         """Each layer-wise stage with the layers it targeted, on the model as the stages before left it."""
+        self.notes: list[str] = []
+        """What the stages did beyond what was asked, one sentence each (a head untied by a rotation)."""
 
     @property
     def layers(self) -> LayerRecords:
@@ -94,7 +97,8 @@ def _steps(model: nn.Module, block_path: str, passes: Sequence[Pass], records: R
     plan = layer_plan(model, passes)
     check_layers(model, plan)  # on the model as the sweeps before left it (a structured stage changes widths)
     records.stages.extend(plan)
-    return [PassStep(p, names, block_path) for p, names in plan]
+    return [RotateStep(p, block_path) if isinstance(p, TransformPass) else PassStep(p, names, block_path)
+            for p, names in plan]
 
 
 def compress_model(model: nn.Module, stages: Sequence[Any], calibration: torch.Tensor | None = None, *,
@@ -110,6 +114,7 @@ def compress_model(model: nn.Module, stages: Sequence[Any], calibration: torch.T
     right before block ``i`` is first used (streamed loading reads its weights then). ``true_sequential``:
     see ``CalibrationConfig.true_sequential``."""
     passes = build_passes(stages)
+    check_rotation(model.config, passes)
     block_path, blocks = find_blocks(model)  # once: a block whose linears are all quantized no longer looks like one
     producers = None
     if any(p.rewrites_producers for p in passes):
@@ -127,5 +132,6 @@ def compress_model(model: nn.Module, stages: Sequence[Any], calibration: torch.T
                 true_sequential=true_sequential)
             records.extend(results)
             records.structured.extend(entries)
+            records.notes.extend(note for step in steps for note in getattr(step, "notes", ()))
             prepare_block = None  # the first sweep read every block; later ones find them loaded
     return model, records

@@ -43,6 +43,7 @@ from compress.pipeline.engine import check_layers, compress_model, layer_plan
 from compress.pipeline.evaluation import check_before_load, context_length, is_compressed
 from compress.pipeline.output_dir import output_path, partial_dir, staging_dir
 from compress.pipeline.resume import open_checkpoint
+from compress.pipeline.rotation import check_rotation
 from compress.pipeline.stage_order import check_recipe_order
 from compress.pipeline.structured import check_structured
 from compress.recipes.loader import dump_recipe
@@ -137,6 +138,7 @@ def check_recipe(recipe: Recipe, source: str) -> list[dict[str, Any]]:
     any folder is created or weight read; returns what each structured stage will remove."""
     config = load_config(source, trust_remote_code=recipe.trust_remote_code)
     check_recipe_order(recipe, config, trust_remote_code=recipe.trust_remote_code)
+    check_rotation(config, build_passes(recipe))
     return check_structured(recipe, config, build_passes(recipe))
 
 
@@ -172,7 +174,7 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
         if not structured:  # layer shapes are final: refuse a layer that cannot take its pass before any data
             plan = layer_plan(model, build_passes(recipe))
             check_layers(model, plan)
-            check_export(recipe, model, plan, in_blocks)
+            check_export(recipe, model, [(p, names) for p, names in plan if p.scope != "transform"], in_blocks)
 
         tick = time.perf_counter()
         calibration, calibration_ids = None, None
@@ -205,8 +207,9 @@ def run(recipe: Recipe, out_dir: str | Path | None = None, *, overwrite: bool = 
     result = RunResult(
         output=str(target), model=display_source(source), parameters=parameters,
         size_before_bytes=size_before, size_after_bytes=size_after, compression_ratio=ratio,
-        timings=timings, metrics=metrics, gates=[asdict(g) for g in gates], layers=len(records),
-        calibration=calibration, parameters_after=after, per_channel_fallback=fallback, notes=[why] if why else [],
+        timings=timings, metrics=metrics, gates=[asdict(g) for g in gates], layers=len(records.layers),
+        calibration=calibration, parameters_after=after, per_channel_fallback=fallback,
+        notes=[*records.notes, *([why] if why else [])],
         structured=[{k: v for k, v in stage.items() if k not in ("blocks", "scores")} for stage in records.structured],
     )
     failed = [g.message for g in gates if not g.passed]

@@ -5,8 +5,11 @@ Each pass declares what it needs and what it leaves behind (``Pass.needs_dense_w
 (pruning, another quantizer, a group pass folding scales into the producers of its layers) cannot follow a
 stage that left the same layer packed. A shape-changing stage (structured pruning) slices dense layers and
 rewrites the config, and the stages after it are planned on the smaller model, so it comes before every
-layer-wise stage. The sensible compositions stay open: structured then prune then quantize, and several
-quantizers on disjoint layers (``ignore`` patterns splitting the model, i.e. hand-made mixed precision).
+layer-wise stage. A transform (``rotate``) rewrites every linear of the model in a new basis, so it comes
+before every stage that quantizes or prunes (after them it would quantize nothing and destroy their zeros);
+a structured stage may precede it. The sensible compositions stay open: structured then prune then quantize,
+rotate then awq then gptq, and several quantizers on disjoint layers (``ignore`` patterns splitting the model,
+i.e. hand-made mixed precision).
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ def check_stage_order(plan: Sequence[tuple[Pass, Sequence[str]]], producers: Map
     an earlier stage already quantized. ``producers``: reader → the linear producing its input, for the
     stages that rewrite producers (``compress.models.producers.linear_producers``)."""
     first_layerwise: int | None = None
+    first_compressing: int | None = None
     quantized_by: dict[str, int] = {}
     for index, (layer_pass, names) in enumerate(plan):
         method = layer_pass.config.method
+        if layer_pass.scope == "transform":
+            if first_compressing is not None:
+                before = plan[first_compressing][0].config.method
+                raise CompressError(
+                    f"stage {index} ({method}) rotates every linear layer, so it must come before the stages that "
+                    f"quantize or prune them, but stage {first_compressing} ({before}) comes first; put {method} "
+                    "before it")
+        elif not layer_pass.changes_shapes and first_compressing is None:
+            first_compressing = index
         if layer_pass.changes_shapes:
             if first_layerwise is not None:
                 raise CompressError(
