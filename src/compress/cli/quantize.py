@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from compress.cli._params import shown
+from compress.cli._rotate import run_rotated
 from compress.cli.common import (
     ALLOW_PICKLE,
     AS_JSON,
@@ -61,6 +62,8 @@ def quantize(
                                                              "lm_head")),
     scheme: str | None = typer.Option(None, "--scheme", help="Weight + activation scheme: w8a8-int8 (int8 "
                                       "per-channel weights, int8 per-token dynamic activations, int-quantized)."),
+    rotate: str | None = typer.Option(None, "--rotate", help=shown("Rotate the model first (QuaRot-style, offline, "
+                                                                   "exact before quantization): hadamard.", "none")),
     export_format: str | None = typer.Option(None, "--format", help=shown("Checkpoint layout: compressed-tensors "
                                                                           "or gptq.", "compressed-tensors")),
     recipe: str | None = typer.Option(None, "--recipe", help=shown("Base recipe (file or built-in name); options "
@@ -93,6 +96,8 @@ def quantize(
         ),
     }
     base = recipe or (scheme if activations is not None else _preset_for(method))
+    if run_rotated(base, flags, rotate, overwrite=overwrite, dry_run=dry_run, as_json=as_json, resume=resume):
+        return
     execute_recipe(base, flags, overrides=[], overwrite=overwrite, dry_run=dry_run, as_json=as_json, resume=resume)
 
 
