@@ -171,6 +171,24 @@ class PackedWeight(WeightStorage):
         )
 
     @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero_point: Tensor | None, scheme: QuantScheme,
+                   g_idx: Tensor | None = None) -> PackedWeight:
+        """The checkpoint tensors of codes a solver produced (GPTQ, AutoRound), packed as they are: never
+        re-derived from a dense weight, so the stored layer is the solved one. ``scale`` is stored as given
+        (already in its storage dtype); ``zero_point`` is ignored when the scheme is symmetric."""
+        check_packable(scheme)
+        out_f, in_f = codes.shape
+        return cls(
+            weight_packed=pack_codes(codes, scheme.bits),
+            weight_scale=scale.contiguous(),
+            weight_zero_point=None if scheme.symmetric or zero_point is None
+            else pack_zero_point(zero_point, scheme.bits),
+            weight_g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous(),
+            weight_shape=torch.tensor([out_f, in_f], dtype=torch.int64, device=codes.device),
+            scheme=scheme,
+        )
+
+    @classmethod
     def from_tensors(cls, prefix: str, tensors: Mapping[str, Tensor], scheme: QuantScheme) -> PackedWeight:
         """Read and validate a layer's tensors; CompressError naming the first tensor that is wrong."""
         check_packable(scheme)

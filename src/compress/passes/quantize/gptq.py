@@ -16,7 +16,7 @@ from torch import nn
 
 from compress.calibrate.stats import HessianStats
 from compress.core.errors import CompressError
-from compress.core.packing import PackedWeight, pack_codes, pack_zero_point, scale_dtype_for
+from compress.core.packing import PackedWeight, scale_dtype_for
 from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
 from compress.core.unpacked import UnpackedWeight
@@ -90,16 +90,8 @@ class GPTQConfig(ActivationQuantConfig):
 def pack_result(result: GPTQResult, config: GPTQConfig, dtype: torch.dtype,
                 scheme: QuantScheme | None = None) -> PackedWeight:
     """The checkpoint tensors of a GPTQ result, packed from its codes (no re-quantization)."""
-    scheme = scheme or config.scheme
-    out_f, in_f = result.codes.shape
-    return PackedWeight(
-        weight_packed=pack_codes(result.codes, scheme.bits),
-        weight_scale=result.scale.to(dtype).contiguous(),
-        weight_zero_point=None if scheme.symmetric else pack_zero_point(result.zero_point, scheme.bits),
-        weight_g_idx=None if result.g_idx is None else result.g_idx.to(torch.int32).contiguous(),
-        weight_shape=torch.tensor([out_f, in_f], dtype=torch.int64, device=result.codes.device),
-        scheme=scheme,
-    )
+    return PackedWeight.from_codes(result.codes, result.scale.to(dtype), result.zero_point, scheme or config.scheme,
+                                   result.g_idx)
 
 
 @PASSES.register("gptq")
