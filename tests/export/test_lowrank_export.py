@@ -173,6 +173,16 @@ def test_the_artifact_states_it(exported):
     assert all(isinstance(m, QuantLinear) for m in lowrank_modules(loaded).values())
 
 
+def test_convert_keeps_the_adapter(exported, tmp_path):
+    """The factors name layers, not a layout: converting to the GPTQ layout carries them over."""
+    result = runner.invoke(app, ["convert", str(exported), "--to", "gptq", "--output", str(tmp_path / "gptq"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        assert (tmp_path / "gptq" / ADAPTER_DIR / name).read_bytes() == (exported / ADAPTER_DIR / name).read_bytes()
+    assert len(lowrank_modules(compress.load(tmp_path / "gptq", device="cpu"))) == 14
+
+
 @pytest.mark.parametrize("rank, words", [(0, "greater than 0"), (32, "below min(in, out) = 32")])
 def test_bad_ranks_exit_2_with_one_sentence(tmp_path, rank, words):
     model = save_tiny("llama", tmp_path / "llama")

@@ -161,3 +161,18 @@ def test_one_ignore_list_for_stage_and_quantizer():
     with pytest.raises(ValueError, match="give it once"):
         LowRankConfig.model_validate({"method": "lowrank", "rank": 4, "ignore": ["a"],
                                       "quantizer": {"method": "gptq", "ignore": ["b"]}})
+
+
+def test_a_resumed_block_keeps_its_factors():
+    """``--resume`` saves ``block.state_dict()`` and rebuilds each layer from its description: the factors
+    come back with the codes."""
+    from compress.pipeline.resume import describe, rebuild
+
+    block = nn.Module()
+    block.l = _pass(4, {"method": "rtn", "group_size": 32}).apply("l", _layer(), _stats(_anisotropic(256, 64)))
+    saved = {k: v.clone() for k, v in block.state_dict().items()}
+    restored = nn.Module()
+    restored.l = rebuild(describe(block.l), saved, "l")
+    restored.load_state_dict(saved, strict=True, assign=True)
+    x = torch.randn(3, 64)
+    assert restored.l.lowrank_rank == 4 and torch.equal(restored.l(x), block.l(x))

@@ -22,6 +22,7 @@ from compress.codecs.gptq import GPTQ
 from compress.codecs.pack_quantized import PACK_QUANTIZED
 from compress.core.errors import CompressError
 from compress.core.records import FACT_FIELDS, LayerRecord, LayerRecords
+from compress.export.adapter import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 from compress.export.checkpoint import INDEX_NAME, write_weights
 from compress.export.gptq import (
     QUANTIZE_CONFIG_NAME,
@@ -194,6 +195,11 @@ def _copy_side_files(source: Path, out_dir: Path) -> list[str]:
         if path.is_file() and path.suffix != ".safetensors" and path.name not in _NOT_COPIED:
             shutil.copyfile(path, out_dir / path.name)  # new files, modes as the umask says (not the source's)
             copied.append(path.name)
+    adapter = source / ADAPTER_DIR  # low-rank compensation: its factors name layers, not a layout, so it applies as is
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (adapter / ADAPTER_CONFIG).is_file() else ():
+        (out_dir / ADAPTER_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(adapter / name, out_dir / ADAPTER_DIR / name)
+        copied.append(f"{ADAPTER_DIR}/{name}")
     return copied
 
 
