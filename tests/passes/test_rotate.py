@@ -179,3 +179,17 @@ def test_rotation_spreads_outlier_channels_and_lowers_the_rtn_error():
 def test_layout_reads_heads_from_the_config():
     layout = rotation_layout(LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2))
     assert (layout.heads, layout.kv_heads, layout.head_dim) == (4, 2, 32)
+
+
+@pytest.mark.parametrize(("target", "ratio"), [("heads", 0.5), ("channels", 0.25)])
+def test_structured_then_rotate_rotates_the_smaller_model_exactly(target, ratio):
+    """A structured stage may come first: the rotation reads the head counts the pruned config says."""
+    from _tiny import SENTENCES, build_tokenizer
+
+    ids = build_tokenizer()(SENTENCES, return_tensors="pt", padding="max_length", max_length=16,
+                            truncation=True)["input_ids"]
+    stage = {"method": "structured", "target": target, "ratio": ratio}
+    pruned, _ = compress_model(_model("llama"), [stage], ids)
+    rotated, _ = compress_model(_model("llama"), [stage, ROTATE], ids)
+    before, after = _logits(pruned, ids), _logits(rotated, ids)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()

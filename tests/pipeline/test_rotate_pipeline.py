@@ -206,3 +206,40 @@ def test_a_recipe_starting_with_rotate_keeps_it_under_stage_flags(tmp_path, corp
     stages = json.loads(result.stdout)["recipe"]["stages"]
     assert [s["method"] for s in stages] == ["rotate", "rtn"] and stages[0]["seed"] == 7
     assert stages[1]["group_size"] == 32
+
+
+def test_interrupted_rotated_run_resumes_to_the_same_bytes(corpus, tmp_path):
+    """``start`` rotates the embedding and head again on the fresh model; finished blocks come back rotated."""
+    folder = _save_tied(tmp_path / "tied")
+    recipe = recipe_from_dict({
+        "model": str(folder), "eval": {"enabled": False},
+        "calibration": {"dataset": str(corpus), "num_samples": 4, "seq_len": 32},
+        "stages": [{"method": "rotate"}, {"method": "gptq", "bits": 4, "group_size": 32}]})
+    compress.run(recipe, tmp_path / "straight")
+
+    def interrupt(label, done, total):
+        if done == 1 and label != "capture inputs" and "block" in label:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress.run(recipe, tmp_path / "resumed", resume=True, progress=interrupt)
+    compress.run(recipe, tmp_path / "resumed", resume=True)
+    for name in ("model.safetensors", "config.json", "manifest.json"):
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_rotated_gptq_layout_export(tmp_path, corpus):
+    folder = save_tiny("llama", tmp_path / "llama")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["quantize", str(folder), "--rotate", "hadamard", "--method", "gptq", "--group-size",
+                                 "32", "--format", "gptq", "--dataset", str(corpus), "--num-samples", "4",
+                                 "--seq-len", "32", "--no-eval", "--output", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert compress.load(out, device="cpu")(IDS).logits.isfinite().all()
+
+
+def test_method_rotate_is_not_a_quantizer(tmp_path, no_weights):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["quantize", "--method", "rotate", "--output", str(out)])
+    _refused(result, out, "--rotate hadamard")

@@ -1,4 +1,5 @@
-"""Everything that knows about Hugging Face architectures: loading, Conv1D conversion, finding blocks and layers.
+"""Everything that knows about Hugging Face architectures: loading, Conv1D conversion, finding blocks and layers,
+where the residual stream is read and written (``rotation``).
 
 Passes never import transformers; they get ``nn.Linear`` modules and names chosen here. Names are resolved
 lazily so that importing ``compress.models`` (or a sibling package) does not pull in transformers until a
@@ -23,6 +24,7 @@ _EXPORTS = {
     "load_tokenizer": "load",
     "model_kind": "load",
     "resolve_model_source": "load",
+    "rotation_layout": "rotation",
 }
 
 __all__ = sorted(_EXPORTS)

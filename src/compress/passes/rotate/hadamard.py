@@ -160,14 +160,14 @@ class RotatePass(TransformPass):
         rotate_inputs_(ends.head, q)
 
     def transform_block(self, block: ResidualBlock) -> None:
-        hidden = block.writers[0].out_features
-        q = self.residual_rotation(hidden)
+        device = block.writers[0].weight.device  # the sweep's compute device: copied there once per block
+        q = self.residual_rotation(block.writers[0].out_features).to(device)
         for norm, readers in block.norms:
             fold_norm_(norm, readers)
             for reader in readers:
                 rotate_inputs_(reader, q)
         for writer in block.writers:
             rotate_outputs_(writer, q)
-        h = self.head_rotation(block.head_dim)
+        h = self.head_rotation(block.head_dim).to(device)
         rotate_value_heads_(block.value, h, block.kv_heads, block.head_dim)
         rotate_output_heads_(block.output, h, block.heads, block.head_dim)
