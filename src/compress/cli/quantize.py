@@ -38,7 +38,7 @@ from compress.cli.errors import handle_errors
 @handle_errors
 def quantize(
     model: str | None = typer.Argument(None, help="Local folder or hub id; omitted: the embedded demo model."),
-    method: str | None = typer.Option(None, help=shown("Quantization method: rtn, gptq or awq.", "gptq")),
+    method: str | None = typer.Option(None, help=shown("Quantization method: rtn, gptq, awq or hqq.", "gptq")),
     bits: int | None = typer.Option(None, help=shown("Weight bits: 2, 3, 4 or 8.", "4")),
     group_size: int | None = typer.Option(None, help=shown("Input columns per scale: 32, 64, 128, ... or -1 per "
                                                            "channel.", "128")),
