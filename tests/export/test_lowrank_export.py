@@ -207,6 +207,11 @@ def test_cli_helper_wraps_the_quantizer_stage():
     stage = yaml.safe_load(value)[0]
     assert key == "stages" and stage["method"] == "lowrank" and stage["rank"] == 16
     assert stage["quantizer"]["method"] == "rtn" and stage["quantizer"]["bits"] == 3
+    from compress.recipes.flags import recipe_from_flags
+    from compress.recipes.loader import apply_overrides, load_recipe_data
+
+    recipe = recipe_from_flags(apply_overrides(load_recipe_data("w4a16-gptq"), overrides), spent)  # as execute_recipe
+    assert [s.method for s in recipe.stages] == ["lowrank"] and recipe.stages[0].quantizer.group_size == 32
     with pytest.raises(CompressError, match="positive rank"):
         lowrank_arguments("w4a16-gptq", flags, 0)
     with pytest.raises(CompressError, match="--bits"):  # a bad flag is still named by its flag

@@ -128,6 +128,7 @@ def _gptq_layout(model, tensors: dict[str, torch.Tensor], recipe: Recipe,
     """The same codes re-arranged as GPTQ tensors; refuses what that layout cannot express (FORMATS.md)."""
     schemes = {name: module.scheme for name, module in quantized_modules(model).items()}
     stage = recipe.stages[0].model_dump()
+    stage = stage.get("quantizer", stage) if stage.get("method") == "lowrank" else stage  # the wrapped quantizer's
     meta = {k: stage[k] for k in ("damp", "static_groups") if k in stage}
     meta = {("damp_percent" if k == "damp" else k): v for k, v in meta.items()}
     if stage.get("method") == "gptq":

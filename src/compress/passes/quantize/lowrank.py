@@ -43,7 +43,7 @@ from compress.core.errors import CompressError
 from compress.core.records import LayerRecord
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass, PassConfig
-from compress.passes.quantize.lowrank_math import weighted_error, weighted_lowrank
+from compress.passes.quantize.lowrank_math import hessian_eigen, weighted_error, weighted_lowrank
 
 logger = logging.getLogger("compress")
 
@@ -141,6 +141,8 @@ class LowRankPass(LayerPass):
                                 "error to compensate; wrap rtn, gptq or another quantizer")
         self.reduction: dict[str, float] = {}
         """Layer name → weighted output error after / before the compensation (a debug log, tests)."""
+        self._eigen: tuple[HessianStats, tuple[Tensor, Tensor]] | None = None
+        """The last accumulator's eigendecomposition: layers reading one tensor share one accumulator."""
 
     def quantizes(self) -> bool:
         return True
@@ -179,7 +181,9 @@ class LowRankPass(LayerPass):
             raise CompressError(f"method {self.inner.config.method} left layer {name} unquantized, so there is "
                                 "no quantization error to compensate")
         delta = weight.to(h.device) - module.dequantized_weight(torch.float32).to(h.device)
-        a, b = weighted_lowrank(delta, h, self.config.rank, damp=self.config.damp)
+        if self._eigen is None or self._eigen[0] is not hessian:
+            self._eigen = (hessian, hessian_eigen(h))
+        a, b = weighted_lowrank(delta, h, self.config.rank, damp=self.config.damp, eigen=self._eigen[1])
         module.set_lowrank(a, b)
         # what the stored (model-dtype) factors achieve, not the float32 ones
         stored_a, stored_b = module.lora_A, module.lora_B

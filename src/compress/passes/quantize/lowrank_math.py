@@ -35,19 +35,28 @@ def _check(delta: Tensor, hessian: Tensor | None, rank: int) -> None:
         raise CompressError(f"a Hessian of shape {tuple(hessian.shape)} does not match a layer with {in_f} inputs")
 
 
-def weighted_lowrank(delta: Tensor, hessian: Tensor, rank: int, *, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+def hessian_eigen(hessian: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``(Λ, V)`` of the symmetrised Hessian in float64 (eigenvalues clamped at 0): computed once per
+    accumulator and reused by the layers that share it (q/k/v, gate/up)."""
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise CompressError(f"expected a square Hessian, got shape {tuple(hessian.shape)}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise CompressError("the calibration Hessian holds NaN or infinite values")
+    h = hessian.detach().to(device=device or hessian.device, dtype=torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh((h + h.T) / 2)
+    return eigenvalues.clamp_min(0), vectors
+
+
+def weighted_lowrank(delta: Tensor, hessian: Tensor, rank: int, *, damp: float = 0.01,
+                     eigen: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """``(A [r, in], B [out, r])`` in float32 minimising ``tr((ΔW - BA)(H + δI)(ΔW - BA)ᵀ)``.
 
     Computed in float64 on ``delta``'s device; ``hessian`` is any positive semi-definite ``[in, in]``
-    (the factor 2 of ``HessianStats`` changes nothing)."""
+    (the factor 2 of ``HessianStats`` changes nothing). ``eigen``: ``hessian_eigen(hessian)``, when known."""
     _check(delta, hessian, rank)
-    if not bool(torch.isfinite(hessian).all()):
-        raise CompressError("the calibration Hessian holds NaN or infinite values")
     d = delta.detach().to(torch.float64)
-    h = hessian.detach().to(device=d.device, dtype=torch.float64)
-    h = (h + h.T) / 2
-    eigenvalues, vectors = torch.linalg.eigh(h)
-    eigenvalues = eigenvalues.clamp_min(0)
+    eigenvalues, vectors = eigen if eigen is not None else hessian_eigen(hessian, d.device)
+    eigenvalues, vectors = eigenvalues.to(d.device), vectors.to(d.device)
     mean = float(eigenvalues.mean())
     if mean <= 0:
         raise CompressError("the calibration Hessian is zero: the layer saw no input, so no weighting exists")
