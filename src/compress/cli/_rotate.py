@@ -25,7 +25,7 @@ def run_rotated(base: str, flags: dict[str, Any], rotate: str | None, *, overwri
     from compress.recipes.loader import load_recipe_data, recipe_from_dict
 
     if flags.get("stages.*.method") == "rotate":
-        raise CompressError("rotate is not a quantization method; add --rotate hadamard to --method rtn, gptq or awq")
+        raise CompressError("rotate is not a quantization method; give --rotate hadamard beside a quantizing --method such as gptq")
     if rotate is not None and rotate not in rotation_kinds():
         raise CompressError(f"unknown --rotate {rotate!r}; use {', '.join(rotation_kinds())}")
     data = load_recipe_data(base)
