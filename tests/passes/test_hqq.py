@@ -53,6 +53,10 @@ def test_shrink_is_the_generalized_soft_threshold():
     assert out[0] == 0 and out[1] == 0 and out[2] == 0  # small errors count as fitted
     torch.testing.assert_close(out[3:], torch.sign(x[3:]) * (x[3:].abs() - x[3:].abs().pow(-0.3)))
     torch.testing.assert_close(shrink_lp(x, beta=2.0, p=1.0), torch.sign(x) * (x.abs() - 0.5).clamp_min(0))
+    u = torch.randn(7, 3, 40, generator=torch.Generator().manual_seed(0))  # the loop's [rows, groups, group]
+    for beta, p in ((1.0, 0.7), (2.5, 0.7), (0.3, 0.5)):
+        dense = torch.sign(u) * (u.abs() - u.abs().pow(p - 1) / beta).clamp_min(0)
+        torch.testing.assert_close(shrink_lp(u, beta, p), dense)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -63,26 +67,27 @@ def test_hqq_beats_min_max_on_heavy_tails_in_lp_and_l2(bits, symmetric):
     rtn = _errors(w, *compute_qparams(w, scheme), scheme)
     result = hqq_qparams(w, scheme)
     hqq = _errors(w, result.scale, result.zero_point, scheme)
-    # measured (asym/sym): W4 L2 0.95/0.92, lp 0.97/0.94; W3 L2 0.89/0.82, lp 0.92/0.85 of min/max's
+    # measured (asym/sym): W4 L2 0.94/0.89, lp 0.97/0.95; W3 L2 0.87/0.78, lp 0.93/0.88 of min/max's
     assert hqq[0] < 0.98 * rtn[0] and hqq[1] < 0.99 * rtn[1], (hqq, rtn)
 
 
-@pytest.mark.parametrize("mode", ["round-refit", "integer"])
-def test_never_worse_than_min_max_per_group_and_zero_points_integer(mode):
+@pytest.mark.parametrize(("mode", "criterion", "power"), [("round-refit", "l2", 2.0), ("integer", "l2", 2.0),
+                                                          ("round-refit", "lp", 0.7), ("round-refit", "l1", 1.0)])
+def test_never_worse_than_min_max_per_group_and_zero_points_integer(mode, criterion, power):
     w = _heavy(seed=7)
     scheme = QuantScheme(bits=3, group_size=32, symmetric=False)
-    result = hqq_qparams(w, scheme, zero_point=mode)
+    result = hqq_qparams(w, scheme, zero_point=mode, criterion=criterion)
     assert result.zero_point.dtype == torch.int32 and result.scale.dtype == torch.float32
     assert int(result.zero_point.min()) >= scheme.qmin and int(result.zero_point.max()) <= scheme.qmax
     assert bool((result.scale > 0).all())
 
     def per_group(scale, zp):
-        e = (w - dequantize(quantize(w, scale, zp, scheme), scale, zp, scheme)).abs().pow(0.7)
+        e = (w - dequantize(quantize(w, scale, zp, scheme), scale, zp, scheme)).abs().pow(power)
         return e.reshape(w.shape[0], -1, 32).sum(-1)
 
     init = compute_qparams(w, scheme)
     assert bool((per_group(result.scale, result.zero_point) <= per_group(*init) * (1 + 1e-5)).all())
-    assert float(per_group(result.scale, result.zero_point).sum()) < 0.97 * float(per_group(*init).sum())  # 0.95
+    assert float(per_group(result.scale, result.zero_point).sum()) < 0.97 * float(per_group(*init).sum())  # l2 0.91, lp 0.95, l1 0.94
 
 
 def test_zero_point_alone_is_undone_by_rounding_the_scale_refit_is_what_pays():
@@ -143,7 +148,7 @@ def test_registered_data_free_and_asymmetric_by_default():
 
 @pytest.mark.parametrize(("field", "value"), [("lp", 0.0), ("lp", 1.5), ("iterations", 0), ("beta", 0.0),
                                               ("kappa", 0.5), ("refit_steps", -1), ("tol", 1.0),
-                                              ("observer", "mse"), ("zero_point", "float"), ("bits", 5)])
+                                              ("criterion", "l3"), ("observer", "mse"), ("zero_point", "float"), ("bits", 5)])
 def test_bad_config_values_are_refused(field, value):
     with pytest.raises(ValidationError, match=field):
         HQQConfig(**{field: value})
