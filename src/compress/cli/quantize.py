@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from compress.cli._params import shown
-from compress.cli._rotate import run_rotated
+from compress.cli._rotate import rotation_overrides
 from compress.cli.common import (
     ALLOW_PICKLE,
     AS_JSON,
@@ -96,9 +96,9 @@ def quantize(
         ),
     }
     base = recipe or (scheme if activations is not None else _preset_for(method))
-    if run_rotated(base, flags, rotate, overwrite=overwrite, dry_run=dry_run, as_json=as_json, resume=resume):
-        return
-    execute_recipe(base, flags, overrides=[], overwrite=overwrite, dry_run=dry_run, as_json=as_json, resume=resume)
+    overrides = rotation_overrides(base, rotate, method)
+    execute_recipe(base, flags, overrides=overrides, overwrite=overwrite, dry_run=dry_run, as_json=as_json,
+                   resume=resume)
 
 
 def _preset_for(method: str | None) -> str:

@@ -89,6 +89,10 @@ class Pass(ABC):
     changes_shapes: ClassVar[bool] = False
     """The pass removes channels, heads or blocks: later stages must see the smaller model, so it runs in a
     sweep of its own and only before layer-wise stages (their layers would otherwise change under them)."""
+    takes_stage_flags: ClassVar[bool] = True
+    """The command line's stage flags (``--method``, ``--bits``, ``--ignore``, ...) address this stage. False
+    for a transform stage that has none of those fields (a rotation): the flags then pass it by, so
+    ``--rotate hadamard --method rtn`` leaves the rotation a rotation (``compress.recipes.flags``)."""
     rewrites_producers: ClassVar[bool] = False
     """Besides its own layers the pass edits the modules producing their input (a group pass folding a
     scale into a norm or a previous linear): those must still be dense too."""
@@ -257,6 +261,7 @@ class TransformPass(Pass):
     rewrites every linear, so it comes before every stage that quantizes or prunes (``stage_order``)."""
 
     scope: ClassVar[Scope] = "transform"
+    takes_stage_flags: ClassVar[bool] = False
 
     @abstractmethod
     def transform_ends(self, ends: ResidualEnds) -> None:

@@ -15,7 +15,8 @@ from compress.core.errors import CompressError
 from compress.recipes.loader import clean_loc, error_reason, validation_message
 from compress.recipes.schema import Recipe
 
-# recipe field path → (flag, how the flag reads); stage fields apply to every stage
+# recipe field path → (flag, how the flag reads); stage fields apply to every stage that takes stage flags
+# (``Pass.takes_stage_flags``: all but transforms such as a rotation)
 FLAG_FIELDS: dict[str, str] = {
     "model": "MODEL",
     "dtype": "--dtype",
@@ -58,6 +59,14 @@ FLAG_FIELDS: dict[str, str] = {
 }
 
 
+def _takes_stage_flags(stage: Any) -> bool:
+    """Whether the stage flags address this stage (every stage but a transform such as a rotation)."""
+    from compress.passes import PASSES
+
+    method = stage.get("method") if isinstance(stage, dict) else None
+    return not (isinstance(method, str) and method in PASSES and not PASSES.get(method).takes_stage_flags)
+
+
 def _fields_of(method: str) -> set[str] | None:
     """The stage fields ``method``'s config accepts (None for an unknown method: validation names it)."""
     from compress.passes import PASSES
@@ -79,7 +88,7 @@ def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     for path, other in _REPLACES.items():
         if flags.get(path) is not None and flags.get(f"stages.*.{other}") is None:
             for stage in data.get("stages") if isinstance(data.get("stages"), list) else []:
-                if isinstance(stage, dict):
+                if isinstance(stage, dict) and _takes_stage_flags(stage):
                     stage.pop(other, None)
     for path, value in flags.items():
         if value is None:
@@ -88,8 +97,8 @@ def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
         if parts[0] == "stages":
             stages = data.setdefault("stages", [{}])
             for stage in stages if isinstance(stages, list) else []:
-                if not isinstance(stage, dict):
-                    continue  # validation names it
+                if not isinstance(stage, dict) or not _takes_stage_flags(stage):
+                    continue  # not a dict: validation names it; a rotation takes no stage flag
                 if parts[-1] == "method" and stage.get("method") != value:
                     # a different method keeps only the base recipe's fields that it also has
                     accepted = _fields_of(value) or set()
@@ -122,7 +131,8 @@ def recipe_from_flags(base: dict[str, Any], flags: dict[str, Any]) -> Recipe:
                 continue
             if problem["type"] == "extra_forbidden":
                 stages = data.get("stages") if isinstance(data.get("stages"), list) else []
-                methods = sorted({str(s.get("method", "?")) if isinstance(s, dict) else "?" for s in stages})
+                methods = sorted({str(s.get("method", "?")) if isinstance(s, dict) else "?" for s in stages
+                                  if _takes_stage_flags(s)})
                 raise CompressError(f"{flag} does not apply to --method {', '.join(methods)}") from None
             raise CompressError(f"{flag}: {error_reason(problem)}") from None
         raise CompressError(validation_message(error)) from None
