@@ -163,7 +163,7 @@ def test_the_artifact_states_it(exported):
     ranked = [layer for layer in manifest["layers"] if layer.get("lowrank_rank") == RANK]
     assert len(ranked) == 14 and all(layer["methods"] == ["lowrank"] for layer in ranked)
     report = json.loads((exported / "report.json").read_text())
-    assert {layer["scheme"] for layer in report["layers"]} == {f"w3g32-lr{RANK}"}
+    assert {layer["scheme"] for layer in report["layers"]} == {"w3g32"}
     assert all(layer["lowrank_rank"] == RANK for layer in report["layers"])
     card = (exported / "README.md").read_text()
     assert "## Low-rank error compensation" in card and "PeftModel.from_pretrained" in card
@@ -219,3 +219,6 @@ def test_cli_helper_wraps_the_quantizer_stage():
     with pytest.raises(CompressError, match="layer-wise quantizers"):
         lowrank_arguments("w4a16-gptq", {"stages.*.method": "awq"}, 16)
     assert lowrank_arguments("w4a16-gptq", flags, None) == (flags, [])
+    spent, overrides = lowrank_arguments("w4a16-rotate-gptq", {"stages.*.bits": 3}, 16)  # the rotation stays first
+    recipe = recipe_from_flags(apply_overrides(load_recipe_data("w4a16-rotate-gptq"), overrides), spent)
+    assert [s.method for s in recipe.stages] == ["rotate", "lowrank"] and recipe.stages[1].quantizer.bits == 3

@@ -148,7 +148,9 @@ class LowRankPass(LayerPass):
         return True
 
     def describe(self) -> str:
-        return f"{self.inner.describe()}-lr{self.config.rank}"
+        """The wrapped quantizer's tag (the scheme tag, which the dry-run plan and the per-channel fallback
+        count compare each layer's scheme with); the rank is in each layer's record (``lowrank``)."""
+        return self.inner.describe()
 
     def check_layer(self, name: str, linear: nn.Linear) -> None:
         self.inner.check_layer(name, linear)
