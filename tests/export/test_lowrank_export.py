@@ -219,6 +219,12 @@ def test_cli_helper_wraps_the_quantizer_stage():
     with pytest.raises(CompressError, match="layer-wise quantizers"):
         lowrank_arguments("w4a16-gptq", {"stages.*.method": "awq"}, 16)
     assert lowrank_arguments("w4a16-gptq", flags, None) == (flags, [])
-    spent, overrides = lowrank_arguments("w4a16-rotate-gptq", {"stages.*.bits": 3}, 16)  # the rotation stays first
+    from compress.cli._rotate import rotation_overrides
+
+    rotated = rotation_overrides("w4a16-gptq", "hadamard", None)  # --rotate's override comes first
+    spent, overrides = lowrank_arguments("w4a16-gptq", {"stages.*.bits": 3}, 16, rotated)
+    recipe = recipe_from_flags(apply_overrides(load_recipe_data("w4a16-gptq"), overrides), spent)
+    assert [s.method for s in recipe.stages] == ["rotate", "lowrank"] and recipe.stages[1].quantizer.bits == 3
+    spent, overrides = lowrank_arguments("w4a16-rotate-gptq", {"stages.*.bits": 3}, 16)  # a rotated base recipe
     recipe = recipe_from_flags(apply_overrides(load_recipe_data("w4a16-rotate-gptq"), overrides), spent)
     assert [s.method for s in recipe.stages] == ["rotate", "lowrank"] and recipe.stages[1].quantizer.bits == 3

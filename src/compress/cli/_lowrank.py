@@ -3,9 +3,9 @@
 The stage flags (``--bits``, ``--method``, ...) address every stage (``stages.*``), and a ``lowrank`` stage
 takes its quantizer's fields inside ``quantizer:``. So the flags are applied and validated first, exactly as
 without the option (a bad ``--bits`` is still named by its flag), and the validated stages are then wrapped
-and handed back as one ``stages=`` override of the base recipe, with the stage flags spent. Leading rotate
-stages take no stage flag; they are set aside while the flags apply and kept first, as ``--rotate`` does
-(``cli._rotate``), so a rotated base recipe is compensated too.
+and handed back as one ``stages=`` override of the base recipe, with the stage flags spent. Stages that do
+not quantize (a rotation) are kept as they are, in place, so ``--rotate`` (whose override comes first) and a
+rotated base recipe are compensated too.
 """
 
 from __future__ import annotations
@@ -32,13 +32,8 @@ def lowrank_arguments(base: str, flags: dict[str, Any], rank: int | None,
     from compress.recipes.flags import recipe_from_flags
     from compress.recipes.loader import apply_overrides, load_recipe_data
 
-    data = apply_overrides(load_recipe_data(base), overrides)
-    listed = data.get("stages") if isinstance(data.get("stages"), list) else []
-    lead = 0
-    while lead < len(listed) and isinstance(listed[lead], dict) and listed[lead].get("method") == "rotate":
-        lead += 1
-    recipe = recipe_from_flags({**data, "stages": listed[lead:]}, flags)  # a flag's problem is named by the flag
-    stages, wrapped = list(listed[:lead]), 0
+    recipe = recipe_from_flags(apply_overrides(load_recipe_data(base), overrides), flags)  # flag errors name the flag
+    stages, wrapped = [], 0
     for stage in recipe.stages:
         data = stage.model_dump(mode="json")
         layer_pass = PASSES.get(stage.method)(stage)
