@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from compress.cli._lowrank import lowrank_arguments
 from compress.cli._params import shown
 from compress.cli._rotate import rotation_overrides
 from compress.cli.common import (
@@ -38,7 +39,8 @@ from compress.cli.errors import handle_errors
 @handle_errors
 def quantize(
     model: str | None = typer.Argument(None, help="Local folder or hub id; omitted: the embedded demo model."),
-    method: str | None = typer.Option(None, help=shown("Quantization method: rtn, gptq, awq or hqq.", "gptq")),
+    method: str | None = typer.Option(None, help=shown("Quantization method: gptq, rtn, awq, hqq (no data) or "
+                                                       "autoround.", "gptq")),
     bits: int | None = typer.Option(None, help=shown("Weight bits: 2, 3, 4 or 8.", "4")),
     group_size: int | None = typer.Option(None, help=shown("Input columns per scale: 32, 64, 128, ... or -1 per "
                                                            "channel.", "128")),
@@ -49,19 +51,25 @@ def quantize(
                                                                      "--sym")),
     act_order: bool | None = typer.Option(None, "--act-order/--no-act-order",
                                           help=shown("GPTQ: quantize columns by descending Hessian diagonal.",
-                                                     "--no-act-order")),
+                                                     "--act-order")),
     damp: float | None = typer.Option(None, help=shown("GPTQ: dampening, a fraction of the mean Hessian "
                                                        "diagonal.", "0.01")),
     block_size: int | None = typer.Option(None, help=shown("GPTQ: columns per lazy-update block.", "128")),
     static_groups: bool | None = typer.Option(None, "--static-groups/--no-static-groups",
                                               help=shown("GPTQ: compute all group scales before the column sweep.",
                                                          "--no-static-groups")),
-    observer: str | None = typer.Option(None, help=shown("Scale search: minmax or mse (clipping search).",
-                                                         "mse for gptq, minmax for rtn")),
+    observer: str | None = typer.Option(None, help=shown("Scale search: minmax, mse (clipping search), imatrix (mse "
+                                                         "weighted by mean squared input activation; rtn, gptq) or "
+                                                         "auto (gptq: per layer, lowest output error).",
+                                                         "auto for gptq, minmax for rtn")),
     ignore: list[str] | None = typer.Option(None, help=shown("Layer name pattern to leave dense (repeatable).",
                                                              "lm_head")),
     scheme: str | None = typer.Option(None, "--scheme", help="Weight + activation scheme: w8a8-int8 (int8 "
                                       "per-channel weights, int8 per-token dynamic activations, int-quantized)."),
+    lowrank_compensate: int | None = typer.Option(None, "--lowrank-compensate", metavar="RANK",
+                                                  help="Add rank-RANK factors of each layer's quantization error, "
+                                                  "fitted on the calibration inputs (EoRA), as a PEFT adapter in "
+                                                  "lowrank/; layer-wise quantizers (rtn, gptq, hqq)."),
     rotate: str | None = typer.Option(None, "--rotate", help=shown("Rotate the model first (QuaRot-style, offline, "
                                                                    "exact before quantization): hadamard.", "none")),
     export_format: str | None = typer.Option(None, "--format", help=shown("Checkpoint layout: compressed-tensors "
@@ -97,6 +105,7 @@ def quantize(
     }
     base = recipe or (scheme if activations is not None else _preset_for(method))
     overrides = rotation_overrides(base, rotate, method)
+    flags, overrides = lowrank_arguments(base, flags, lowrank_compensate, overrides)
     execute_recipe(base, flags, overrides=overrides, overwrite=overwrite, dry_run=dry_run, as_json=as_json,
                    resume=resume)
 
