@@ -278,37 +278,3 @@ class InputSampleStats:
     def free(self) -> None:
         self._abs_sum = self._rows = self._keys = None
         self._freed = True
-
-
-class InputAbsMaxStats:
-    """Per-input-channel ``max_t |x_t[j]|`` over every calibration token (float32 ``[in]``): the largest
-    ``absmax.max()`` is a static per-tensor input scale's observation (W8A8-FP8 ``--static``)."""
-
-    def __init__(self, in_features: int) -> None:
-        if in_features <= 0:
-            raise CompressError(f"input absmax needs a positive input width, got {in_features}")
-        self.in_features = in_features
-        self.tokens = 0
-        self._absmax: Tensor | None = None
-        self._freed = False
-
-    def add_batch(self, x: Tensor) -> None:
-        x = _input_rows(x, self.in_features, self._freed)
-        if x.shape[0] == 0:
-            return
-        batch = x.abs().amax(dim=0).to(torch.float32)
-        self._absmax = batch if self._absmax is None else torch.maximum(self._absmax, batch.to(self._absmax.device))
-        self.tokens += x.shape[0]
-
-    @property
-    def absmax(self) -> Tensor:
-        if self._freed:
-            raise CompressError("these calibration statistics were already freed")
-        return torch.zeros(self.in_features, dtype=torch.float32) if self._absmax is None else self._absmax
-
-    def share_key(self) -> tuple:
-        return (type(self), self.in_features)
-
-    def free(self) -> None:
-        self._absmax = None
-        self._freed = True

@@ -50,7 +50,7 @@ class GPTQConfig(ActivationQuantConfig):
     """GPTQ options; ``bits``, ``group_size``, ``symmetric`` and ``observer`` come from the base."""
 
     method: Literal["gptq"] = "gptq"
-    observer: Literal["minmax", "mse", "auto", "imatrix"] = "auto"
+    observer: Literal["minmax", "mse", "auto", "imatrix"] = "mse"
     """How group scales are chosen inside the sweep:
 
     - ``minmax``: the full range (llm-compressor's default);
@@ -60,18 +60,13 @@ class GPTQConfig(ActivationQuantConfig):
     - ``auto``: per layer, the whole sweep run with min/max, the search limited to shrinks <= 0.2 and the full
       search, keeping the solve with the lowest output error ``tr((W-Ŵ) H (W-Ŵ)ᵀ)``. A per-group weight
       error does not see GPTQ's error feedback, and at 2 bits the deep search over-clips: on qwen2-256 at
-      W2g128 ``auto`` cut the KL by 17% (benchmarks/results/low_bits_depths.md). Three solves per layer.
-
-    ``auto`` with act-order is the default: on both reference models it is never worse than ``mse`` without
-    act-order and 0.71-0.87x its KL on qwen2-256 (W2g64 to W4g128; act-order alone was 1.17x at W2g64),
-    0.95-1.00x on the demo model (benchmarks/results/beyond_gptq.md), for about 25% more solve time."""
+      W2g128 ``auto`` cut the KL by 17% (benchmarks/results/low_bits_depths.md). Three solves per layer."""
     damp: float = Field(0.01, gt=0, lt=1)
     """Relative dampening: ``λ = damp · mean(diag H)`` added to the diagonal before inverting."""
     block_size: int = Field(128, gt=0)
     """Columns updated eagerly together; the rest of the matrix is updated once per block."""
-    act_order: bool = True
-    """Process columns by descending Hessian diagonal (the default, as in llm-compressor and GPTQModel).
-    Groups stay the original contiguous ones (scales
+    act_order: bool = False
+    """Process columns by descending Hessian diagonal. Groups stay the original contiguous ones (scales
     computed up front, compressed-tensors ``actorder: weight``, no ``g_idx``), the only activation
     ordering today's readers load: compressed-tensors >= 0.19, vLLM and GPTQModel refuse the dynamic
     form (``actorder: group`` / ``desc_act``), so it is not offered."""
@@ -140,8 +135,6 @@ class GPTQPass(LayerPass):
             raise CompressError(f"GPTQ needs calibration statistics for layer {name}, got none")
         if stats.tokens == 0:
             raise CompressError(f"calibration produced no tokens for layer {name}; GPTQ cannot run")
-        if self.config.type == "float":
-            raise CompressError("GPTQ solves integer grids only; FP8 weights (type float) use --method rtn")
         self.check_layer(name, linear)
         k = linear.in_features
         if stats.tokens < MIN_TOKENS_PER_INPUT * k and k not in self._warned_widths:
