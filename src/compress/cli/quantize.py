@@ -51,7 +51,7 @@ def quantize(
                                                                      "--sym")),
     act_order: bool | None = typer.Option(None, "--act-order/--no-act-order",
                                           help=shown("GPTQ: quantize columns by descending Hessian diagonal.",
-                                                     "--act-order")),
+                                                     "--no-act-order")),
     damp: float | None = typer.Option(None, help=shown("GPTQ: dampening, a fraction of the mean Hessian "
                                                        "diagonal.", "0.01")),
     block_size: int | None = typer.Option(None, help=shown("GPTQ: columns per lazy-update block.", "128")),
@@ -61,7 +61,7 @@ def quantize(
     observer: str | None = typer.Option(None, help=shown("Scale search: minmax, mse (clipping search), imatrix (mse "
                                                          "weighted by mean squared input activation; rtn, gptq) or "
                                                          "auto (gptq: per layer, lowest output error).",
-                                                         "auto for gptq, minmax for rtn")),
+                                                         "mse for gptq, minmax for rtn")),
     ignore: list[str] | None = typer.Option(None, help=shown("Layer name pattern to leave dense (repeatable).",
                                                              "lm_head")),
     scheme: str | None = typer.Option(None, "--scheme", help="Weight + activation scheme: w8a8-int8 (int8 "
