@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import field_validator, model_validator
+from torch import nn
 
 from compress.core.scheme import QuantScheme
 from compress.passes.base import PassConfig
@@ -74,3 +75,20 @@ class ActivationQuantConfig(WeightQuantConfig):
     def storage_format(self) -> str:
         """The codec the layers are written in: ``int-quantized`` for W8A8-int8, else ``pack-quantized``."""
         return "int-quantized" if self.activations == "int8-dynamic" else "pack-quantized"
+
+
+class SchemeQuantizer:
+    """What every pass whose config is a ``WeightQuantConfig`` says the same way (RTN, GPTQ, HQQ, AutoRound):
+    a layer is checked against the scheme it will get, the layers come out quantized, the tag is the scheme's.
+    Mixed in before the pass kind (``class RTNPass(SchemeQuantizer, LayerPass)``)."""
+
+    config: WeightQuantConfig
+
+    def check_layer(self, name: str, linear: nn.Linear) -> None:
+        self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
+
+    def quantizes(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return self.config.scheme.tag

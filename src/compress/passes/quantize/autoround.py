@@ -29,7 +29,7 @@ from compress.core.errors import CompressError
 from compress.core.packing import PackedWeight, scale_dtype_for
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, BlockPass, BlockWork
-from compress.passes.quantize._config import WeightQuantConfig
+from compress.passes.quantize._config import SchemeQuantizer, WeightQuantConfig
 from compress.passes.quantize.autoround_math import Rounding, fake_quantize, final_codes
 
 logger = logging.getLogger("compress")
@@ -66,21 +66,12 @@ class _LearnedLinear(nn.Module):
 
 
 @PASSES.register("autoround")
-class AutoRoundPass(BlockPass):
+class AutoRoundPass(SchemeQuantizer, BlockPass):
     """Learned rounding and clipping per block against the block's original outputs."""
 
     config_cls = AutoRoundConfig
     needs_grad = True
     config: AutoRoundConfig
-
-    def check_layer(self, name: str, linear: nn.Linear) -> None:
-        self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
-
-    def quantizes(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return self.config.scheme.tag
 
     def apply_block(self, work: BlockWork) -> Mapping[str, nn.Module]:
         if not work.layers:

@@ -22,7 +22,7 @@ from compress.core.scheme import QuantScheme
 from compress.core.unpacked import UnpackedWeight
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.quantize._config import ActivationQuantConfig
+from compress.passes.quantize._config import ActivationQuantConfig, SchemeQuantizer
 from compress.passes.quantize.gptq_math import GPTQResult, gptq_quantize, output_error
 
 logger = logging.getLogger("compress")
@@ -95,7 +95,7 @@ def pack_result(result: GPTQResult, config: GPTQConfig, dtype: torch.dtype,
 
 
 @PASSES.register("gptq")
-class GPTQPass(LayerPass):
+class GPTQPass(SchemeQuantizer, LayerPass):
     """Second-order weight quantization against each layer's calibration Hessian."""
 
     config_cls = GPTQConfig
@@ -111,9 +111,6 @@ class GPTQPass(LayerPass):
         self._warned_widths: set[int] = set()
         self._chosen: dict[str, str] = {}
         """Layer name → the observer ``auto`` kept for it (what its record names)."""
-
-    def check_layer(self, name: str, linear: nn.Linear) -> None:
-        self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
 
     def apply_layer(self, name: str, linear: nn.Linear, stats: Any | None, prior: LayerRecord | None) -> nn.Module:
         """A layer an earlier stage pruned keeps its zeros (the OBS update would otherwise fill them)."""
@@ -184,9 +181,3 @@ class GPTQPass(LayerPass):
                                      None, None, scheme)
             return QuantLinear.from_storage(storage, bias, format=cfg.storage_format)
         return QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
-
-    def quantizes(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return self.config.scheme.tag

@@ -30,7 +30,7 @@ from torch import nn
 from compress.core.packing import scale_dtype_for
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.quantize._config import WeightQuantConfig
+from compress.passes.quantize._config import SchemeQuantizer, WeightQuantConfig
 from compress.passes.quantize.hqq_math import hqq_qparams
 
 STORED_OBSERVER = "mse"
@@ -82,15 +82,12 @@ class HQQConfig(WeightQuantConfig):
 
 
 @PASSES.register("hqq")
-class HQQPass(LayerPass):
+class HQQPass(SchemeQuantizer, LayerPass):
     """Quantize each weight with HQQ-optimised group scales and integer zero points, independently of data."""
 
     config_cls = HQQConfig
     needs_calibration = False
     config: HQQConfig
-
-    def check_layer(self, name: str, linear: nn.Linear) -> None:
-        self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
 
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         cfg = self.config
@@ -107,9 +104,3 @@ class HQQPass(LayerPass):
 
     def record_facts(self, name: str, module: nn.Module) -> dict[str, Any]:
         return {"observer": STORED_OBSERVER} if isinstance(module, QuantLinear) else {}
-
-    def quantizes(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return self.config.scheme.tag

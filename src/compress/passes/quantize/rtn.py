@@ -18,7 +18,7 @@ from compress.core.errors import CompressError
 from compress.core.observers import choose_qparams
 from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PASSES, LayerPass
-from compress.passes.quantize._config import ActivationQuantConfig
+from compress.passes.quantize._config import ActivationQuantConfig, SchemeQuantizer
 
 
 class RTNConfig(ActivationQuantConfig):
@@ -29,7 +29,7 @@ class RTNConfig(ActivationQuantConfig):
 
 
 @PASSES.register("rtn")
-class RTNPass(LayerPass):
+class RTNPass(SchemeQuantizer, LayerPass):
     """Quantize each weight with min/max group scales, independently of any data."""
 
     config_cls = RTNConfig
@@ -57,9 +57,6 @@ class RTNPass(LayerPass):
             raise CompressError(f"the imatrix observer needs calibration inputs for layer {name}, and saw none")
         return stats.sq_norms / stats.tokens
 
-    def check_layer(self, name: str, linear: nn.Linear) -> None:
-        self.config.scheme_for(linear.in_features).check_layer(name, linear.in_features)
-
     def apply(self, name: str, linear: nn.Linear, stats: Any | None = None) -> nn.Module:
         scheme = self.config.scheme_for(linear.in_features)
         importance = self._importance(name, stats)
@@ -74,9 +71,3 @@ class RTNPass(LayerPass):
         # zero lies in every group's range, so an earlier stage's pruned weights stay exactly zero: the layer's
         # record keeps its sparsity pattern (the observer is the default ``record_facts``)
         return quantized
-
-    def quantizes(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return self.config.scheme.tag
