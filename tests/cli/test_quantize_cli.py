@@ -299,4 +299,4 @@ def test_method_flag_starts_from_that_methods_preset(llama_dir, corpus, tmp_path
 
     assert stage("--method", "rtn")["observer"] == "minmax"
     assert stage("--method", "rtn", "--observer", "mse")["observer"] == "mse"
-    assert stage()["observer"] == "mse"  # the default gptq preset
+    assert stage()["observer"] == "auto" and stage()["act_order"] is True  # the default gptq preset

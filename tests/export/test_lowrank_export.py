@@ -201,7 +201,7 @@ def test_cli_helper_wraps_the_quantizer_stage():
     from compress.cli._lowrank import lowrank_arguments
 
     flags = {"stages.*.method": "rtn", "stages.*.bits": 3, "stages.*.group_size": 32, "model": None}
-    spent, overrides = lowrank_arguments("w4a16-gptq", flags, 16)
+    spent, overrides = lowrank_arguments("w4a16-rtn", flags, 16)  # as --method rtn: rtn's own preset
     assert spent == {"model": None}
     key, _, value = overrides[-1].partition("=")
     stage = yaml.safe_load(value)[0]
@@ -210,14 +210,14 @@ def test_cli_helper_wraps_the_quantizer_stage():
     from compress.recipes.flags import recipe_from_flags
     from compress.recipes.loader import apply_overrides, load_recipe_data
 
-    recipe = recipe_from_flags(apply_overrides(load_recipe_data("w4a16-gptq"), overrides), spent)  # as execute_recipe
+    recipe = recipe_from_flags(apply_overrides(load_recipe_data("w4a16-rtn"), overrides), spent)  # as execute_recipe
     assert [s.method for s in recipe.stages] == ["lowrank"] and recipe.stages[0].quantizer.group_size == 32
     with pytest.raises(CompressError, match="positive rank"):
         lowrank_arguments("w4a16-gptq", flags, 0)
     with pytest.raises(CompressError, match="--bits"):  # a bad flag is still named by its flag
-        lowrank_arguments("w4a16-gptq", {**flags, "stages.*.bits": 5}, 16)
+        lowrank_arguments("w4a16-rtn", {**flags, "stages.*.bits": 5}, 16)
     with pytest.raises(CompressError, match="layer-wise quantizers"):
-        lowrank_arguments("w4a16-gptq", {"stages.*.method": "awq"}, 16)
+        lowrank_arguments("w4a16-awq", {}, 16)
     assert lowrank_arguments("w4a16-gptq", flags, None) == (flags, [])
     from compress.cli._rotate import rotation_overrides
 

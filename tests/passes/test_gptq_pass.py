@@ -44,9 +44,9 @@ def test_registered_and_validated() -> None:
     assert (cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups, cfg.observer) == (
         0.01,
         128,
-        False,
-        False,
-        "mse",
+        True,
+        True,  # implied by act_order
+        "auto",
     )
     for bad in (dict(damp=0.0), dict(damp=1.0), dict(block_size=0), dict(observer="max"), dict(bits=5)):
         with pytest.raises(ValidationError):
@@ -66,7 +66,7 @@ def test_registered_and_validated() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_is_the_solved_weight(options: dict, dtype: torch.dtype) -> None:
     lin, batches = layer_and_inputs(0, dtype)
-    cfg = GPTQConfig(block_size=24, **options)
+    cfg = GPTQConfig(block_size=24, **{"observer": "mse", "act_order": False, **options})  # one solve to compare
     p = GPTQPass(cfg)
     stats = calibrate(p, lin, batches)
     assert stats.hessian.dtype == torch.float32
@@ -149,6 +149,10 @@ def test_act_order_keeps_groups_contiguous_and_refuses_dynamic_groups() -> None:
     from pydantic import ValidationError
 
     assert GPTQConfig(act_order=True).static_groups is True
-    assert GPTQConfig().static_groups is False
+    assert GPTQConfig().static_groups is True  # act_order is the default
+    assert GPTQConfig(act_order=False).static_groups is False
+    assert GPTQConfig(static_groups=False, act_order=False).static_groups is False
     with pytest.raises(ValidationError, match="refused by compressed-tensors >= 0.19"):
         GPTQConfig(act_order=True, static_groups=False)
+    with pytest.raises(ValidationError, match="refused by compressed-tensors >= 0.19"):
+        GPTQConfig(static_groups=False)  # the default act_order counts too

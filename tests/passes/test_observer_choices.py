@@ -81,7 +81,7 @@ def test_auto_returns_the_winner_wherever_it_stands(monkeypatch) -> None:
     monkeypatch.setattr(gptq_module, "AUTO_CANDIDATES", candidates)
     lin, x = _heavy_layer(7)
     stats = _hessian(lin, x)
-    p = GPTQPass(GPTQConfig(observer="auto", bits=3, group_size=32))
+    p = GPTQPass(GPTQConfig(observer="auto", bits=3, group_size=32, act_order=False))
     got = p.apply("l", lin, stats).dequantized_weight()
     solves = [gptq_quantize(lin.weight, stats.hessian, p.config.scheme, observer=o, observer_options=op).weight
               for o, op in candidates]

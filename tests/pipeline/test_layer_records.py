@@ -57,16 +57,20 @@ def test_prune_then_gptq_records_every_fact(llama) -> None:
 
 
 @pytest.mark.parametrize(("stage", "want"), [
-    ({"method": "rtn", "bits": 4, "group_size": 32}, ("minmax", None, None, True)),
-    ({"method": "gptq", "bits": 4, "group_size": 32}, ("mse", None, None, True)),
-    ({"method": "gptq", "bits": 4, "group_size": -1, "act_order": True}, ("mse", None, None, True)),
-    ({"method": "magnitude", "sparsity": 0.5}, (None, None, "unstructured", False)),
-    ({"method": "sparsegpt", "pattern": "2:4", "bits": 4, "group_size": 32}, ("minmax", None, "2:4", True)),
-], ids=["rtn", "gptq", "gptq-act-order-per-channel", "magnitude", "sparsegpt-joint"])
+    ({"method": "rtn", "bits": 4, "group_size": 32}, {("minmax", None, None, True)}),
+    ({"method": "gptq", "bits": 4, "group_size": 32, "observer": "mse", "act_order": False},
+     {("mse", None, None, True)}),
+    # the default: activation order, and per layer the observer auto kept (each is a stored observer)
+    ({"method": "gptq", "bits": 4, "group_size": 32}, {("mse", "weight", None, True), ("minmax", "weight", None, True)}),
+    ({"method": "gptq", "bits": 4, "group_size": -1, "act_order": True, "observer": "mse"},
+     {("mse", None, None, True)}),  # per channel: the order changes nothing stored
+    ({"method": "magnitude", "sparsity": 0.5}, {(None, None, "unstructured", False)}),
+    ({"method": "sparsegpt", "pattern": "2:4", "bits": 4, "group_size": 32}, {("minmax", None, "2:4", True)}),
+], ids=["rtn", "gptq-mse-natural", "gptq-default", "gptq-act-order-per-channel", "magnitude", "sparsegpt-joint"])
 def test_each_pass_states_its_facts(llama, stage, want) -> None:
     _, records = compress_model(load_model(str(llama)).model, [stage], _ids(llama))
     facts = {(r.observer, r.actorder, r.sparsity, r.scheme is not None) for r in records.layers.values()}
-    assert facts == {want}
+    assert facts and facts <= want
 
 
 @pytest.fixture(scope="module")

@@ -51,17 +51,18 @@ def quantize(
                                                                      "--sym")),
     act_order: bool | None = typer.Option(None, "--act-order/--no-act-order",
                                           help=shown("GPTQ: quantize columns by descending Hessian diagonal.",
-                                                     "--no-act-order")),
+                                                     "--act-order for gptq")),
     damp: float | None = typer.Option(None, help=shown("GPTQ: dampening, a fraction of the mean Hessian "
                                                        "diagonal.", "0.01")),
     block_size: int | None = typer.Option(None, help=shown("GPTQ: columns per lazy-update block.", "128")),
     static_groups: bool | None = typer.Option(None, "--static-groups/--no-static-groups",
-                                              help=shown("GPTQ: compute all group scales before the column sweep.",
-                                                         "--no-static-groups")),
+                                              help=shown("GPTQ: compute all group scales before the column sweep "
+                                                         "(always on with --act-order).",
+                                                         "--static-groups for gptq's --act-order")),
     observer: str | None = typer.Option(None, help=shown("Scale search: minmax, mse (clipping search), imatrix (mse "
                                                          "weighted by mean squared input activation; rtn, gptq) or "
                                                          "auto (gptq: per layer, lowest output error).",
-                                                         "mse for gptq, minmax for rtn")),
+                                                         "auto for gptq, minmax for rtn")),
     ignore: list[str] | None = typer.Option(None, help=shown("Layer name pattern to leave dense (repeatable).",
                                                              "lm_head")),
     scheme: str | None = typer.Option(None, "--scheme", help="Weight + activation scheme: w8a8-int8 (int8 "
