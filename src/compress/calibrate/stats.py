@@ -278,3 +278,62 @@ class InputSampleStats:
     def free(self) -> None:
         self._abs_sum = self._rows = self._keys = None
         self._freed = True
+
+
+class InputAbsMaxStats:
+    """Per-input-channel ``max_t |x_t[j]|`` over every calibration token (what SmoothQuant's scales read),
+    plus, when ``max_rows > 0``, the bounded seeded row sample of ``InputSampleStats`` (what a search that
+    scores candidates by the output error needs). ``in`` floats, plus the sample."""
+
+    def __init__(self, in_features: int, max_rows: int = 0, seed: int = 0) -> None:
+        if in_features <= 0:
+            raise CompressError(f"input statistics need a positive input width, got {in_features}")
+        if max_rows < 0:
+            raise CompressError(f"the input sample size must be 0 (none) or positive, got {max_rows}")
+        self.in_features = in_features
+        self.max_rows = max_rows
+        self.seed = seed
+        self.tokens = 0
+        self._abs_max: Tensor | None = None
+        self._sample = InputSampleStats(in_features, max_rows, seed) if max_rows else None
+        self._freed = False
+
+    def add_batch(self, x: Tensor) -> None:
+        x = _input_rows(x, self.in_features, self._freed)
+        if x.shape[0] == 0:
+            return
+        batch_max = x.abs().amax(dim=0).to(torch.float32)
+        if self._abs_max is None:
+            self._abs_max = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
+        torch.maximum(self._abs_max, batch_max.to(self._abs_max.device), out=self._abs_max)
+        if self._sample is not None:
+            self._sample.add_batch(x)
+        self.tokens += x.shape[0]
+
+    @property
+    def abs_max(self) -> Tensor:
+        """``max |x_j|`` over every token seen (float32 ``[in]``; zeros before any batch)."""
+        if self._freed:
+            raise CompressError("these calibration statistics were already freed")
+        if self._abs_max is None:
+            return torch.zeros(self.in_features, dtype=torch.float32)
+        return self._abs_max
+
+    @property
+    def rows(self) -> Tensor:
+        """The sampled input rows (``InputSampleStats.rows``); ``[0, in]`` when no sample is kept."""
+        if self._freed:
+            raise CompressError("these calibration statistics were already freed")
+        if self._sample is None:
+            return torch.zeros(0, self.in_features, dtype=torch.float32)
+        return self._sample.rows
+
+    def share_key(self) -> tuple:
+        """Layers reading one tensor may share one accumulator (same sample size and seed: same numbers)."""
+        return (type(self), self.in_features, self.max_rows, self.seed)
+
+    def free(self) -> None:
+        if self._sample is not None:
+            self._sample.free()
+        self._abs_max = None
+        self._freed = True

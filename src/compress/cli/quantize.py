@@ -9,6 +9,7 @@ import typer
 from compress.cli._lowrank import lowrank_arguments
 from compress.cli._params import shown
 from compress.cli._rotate import rotation_overrides
+from compress.cli._smoothquant import smoothquant_overrides
 from compress.cli.common import (
     ALLOW_PICKLE,
     AS_JSON,
@@ -71,6 +72,10 @@ def quantize(
                                                   help="Add rank-RANK factors of each layer's quantization error, "
                                                   "fitted on the calibration inputs (EoRA), as a PEFT adapter in "
                                                   "lowrank/; layer-wise quantizers (rtn, gptq, hqq)."),
+    smoothquant: str | None = typer.Option(None, "--smoothquant", metavar="ALPHA",
+                                           help="SmoothQuant first: migrate activation outliers into the weights "
+                                           "with strength ALPHA in [0, 1] (0.5 typical) or auto (searched per "
+                                           "group); exact before quantization; needs --scheme w8a8-int8."),
     rotate: str | None = typer.Option(None, "--rotate", help=shown("Rotate the model first (QuaRot-style, offline, "
                                                                    "exact before quantization): hadamard.", "none")),
     export_format: str | None = typer.Option(None, "--format", help=shown("Checkpoint layout: compressed-tensors "
@@ -106,6 +111,7 @@ def quantize(
     }
     base = recipe or (scheme if activations is not None else _preset_for(method))
     overrides = rotation_overrides(base, rotate, method)
+    overrides = smoothquant_overrides(base, flags, smoothquant, overrides, method)
     flags, overrides = lowrank_arguments(base, flags, lowrank_compensate, overrides)
     execute_recipe(base, flags, overrides=overrides, overwrite=overwrite, dry_run=dry_run, as_json=as_json,
                    resume=resume)
