@@ -180,6 +180,21 @@ def test_unknown_rotation_kind_is_refused(tmp_path, no_weights):
     _refused(result, out, "unknown --rotate 'givens'", "hadamard")
 
 
+@pytest.mark.parametrize("how", ["flag", "recipe"])
+def test_online_rotation_is_refused_with_the_reason(tmp_path, no_weights, how):
+    """transformers applies no compressed-tensors transform_config: an online rotation would load as another
+    model, so it is refused in one sentence, by flag and in a recipe."""
+    out = tmp_path / "out"
+    if how == "flag":
+        result = runner.invoke(app, ["quantize", "--rotate", "online", "--method", "rtn", "--output", str(out)])
+    else:
+        recipe = tmp_path / "online.yaml"
+        recipe.write_text(yaml.safe_dump({"stages": [{"method": "rotate", "kind": "hadamard-online"},
+                                                     {"method": "rtn"}]}))
+        result = runner.invoke(app, ["run", str(recipe), "--output", str(out)])
+    _refused(result, out, "online rotations", "--rotate hadamard")
+
+
 def test_rotate_after_quantize_is_refused(tmp_path, no_weights):
     recipe = tmp_path / "late.yaml"
     recipe.write_text(yaml.safe_dump({"stages": [{"method": "rtn"}, {"method": "rotate"}]}))

@@ -22,9 +22,12 @@ def rotation_overrides(base: str, rotate: str | None, method: str | None) -> lis
                             "--method such as gptq")
     if rotate is None:
         return []
+    from compress.passes.rotate.hadamard import ONLINE_KINDS, ONLINE_REFUSED
     from compress.pipeline.rotation import rotation_kinds
     from compress.recipes.loader import load_recipe_data
 
+    if rotate in ONLINE_KINDS:
+        raise CompressError(ONLINE_REFUSED)
     if rotate not in rotation_kinds():
         raise CompressError(f"unknown --rotate {rotate!r}; use {', '.join(rotation_kinds())}")
     listed = load_recipe_data(base).get("stages")

@@ -35,6 +35,15 @@ from compress.passes.base import PASSES, PassConfig, ResidualBlock, ResidualEnds
 KINDS = ("hadamard",)
 
 
+ONLINE_KINDS = ("online", "hadamard-online")
+ONLINE_REFUSED = ("online rotations (QuaRot's Hadamard before down_proj and across heads) need an op at inference: "
+                  "compressed-tensors' transform_config can express one, but transformers (5.24) loads such a "
+                  "checkpoint without applying it and would compute a different model, so only the offline, fused "
+                  "rotation is offered (--rotate hadamard)")
+"""Why an online rotation is refused: checked against transformers' compressed-tensors loader, which applies
+the quantization config but not the transform config (only vLLM applies it)."""
+
+
 class RotateConfig(PassConfig):
     """A rotation stage: ``{method: rotate, kind: hadamard, seed: 0}``, before the quantize stages."""
 
@@ -46,6 +55,13 @@ class RotateConfig(PassConfig):
     """Seed of the residual rotation's signs: the same seed gives the same bytes."""
     ignore: list[str] = []
     """Always empty: a rotation is exact only if every layer reading or writing the residual takes it."""
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _no_online(cls, value: object) -> object:
+        if value in ONLINE_KINDS:
+            raise ValueError(ONLINE_REFUSED)
+        return value
 
     @field_validator("ignore")
     @classmethod
