@@ -9,7 +9,17 @@ Speed: prefill of batch x seq >= 2048 tokens, median of a few forwards, fp32 den
 ``kernel="int8"`` (``torch._int_mm``) and ``kernel="reference"`` (dequantize, fp32 matmul): on the demo model
 (hidden 128, where per-token quantization overhead dominates) and on single Linear layers of LLM widths.
 
-Run: python benchmarks/activations.py [--num-samples 64] → benchmarks/results/activations.json|md
+SmoothQuant (``--part smoothquant``): W8A8-int8 with GPTQ weights, without and with SmoothQuant (alpha 0.5 and
+alpha auto), beside W8A16, on three models: the demo model, qwen2-256 (``benchmarks/models/qwen2-256``, trained
+with ``scripts/train_demo_model.py``; skipped with a line when absent) and a copy of the demo model with
+synthetic activation outliers: in every block, channels 3, 17 and 40 of both norms' weights times 30 and the
+matching input columns of their readers divided by 30. That copy computes exactly what the demo model computes
+(same fp32 reference), but its q/k/v and gate/up inputs carry 30x outlier channels, which is where LLMs
+beyond ~6B put theirs (the reason SmoothQuant exists). Our small trained models have few outliers: the
+natural rows show what smoothing does when there is little to migrate.
+
+Run: python benchmarks/activations.py [--num-samples 64] [--part all|quality|smoothquant]
+     → benchmarks/results/activations.json|md (``--part smoothquant`` → activations_smoothquant.json|md)
 """
 
 from __future__ import annotations
@@ -29,6 +39,15 @@ RUNS = [
     ("W8A8-int8 GPTQ", {"method": "gptq", "bits": 8, "group_size": -1, "observer": "minmax",
                         "activations": "int8-dynamic"}),
 ]
+SMOOTH_RUNS = [
+    ("W8A16 GPTQ", [{"method": "gptq", "bits": 8, "group_size": -1, "observer": "minmax"}]),
+    ("W8A8-int8 GPTQ", [RUNS[2][1]]),
+    ("SmoothQuant 0.5 + W8A8-int8 GPTQ", [{"method": "smoothquant", "alpha": 0.5}, RUNS[2][1]]),
+    ("SmoothQuant auto + W8A8-int8 GPTQ", [{"method": "smoothquant", "alpha": "auto"}, RUNS[2][1]]),
+    ("SmoothQuant 0.5 + W8A8-int8 RTN", [{"method": "smoothquant", "alpha": 0.5}, RUNS[1][1]]),
+]
+OUTLIER_CHANNELS, OUTLIER_FACTOR = (3, 17, 40), 30.0
+SECOND = Path(__file__).resolve().parent / "models" / "qwen2-256"
 PREFILL = (8, 256)  # batch x seq = 2048 tokens
 LAYERS = [(512, 512), (1024, 1024)]  # (in, out); torch's CPU _int_mm is slow, larger ones take minutes
 
@@ -78,10 +97,73 @@ def layer_prefill() -> list[dict]:
     return rows
 
 
+def save_outlier_copy(source: str, out: Path) -> Path:
+    """The demo model with function-preserving synthetic outliers (see the module docstring), as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    idx = torch.tensor(OUTLIER_CHANNELS)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, owner, readers in ((layer.input_layernorm, layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                                         (layer.post_attention_layernorm, layer.mlp, ("gate_proj", "up_proj"))):
+                norm.weight[idx] *= OUTLIER_FACTOR
+                for name in readers:
+                    getattr(owner, name).weight[:, idx] /= OUTLIER_FACTOR
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def smoothquant_part(num_samples: int) -> None:
+    from compress.models.load import DEMO_MODEL_DIR
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [("demo", str(DEMO_MODEL_DIR))]
+        if SECOND.exists():
+            models.append(("qwen2-256", str(SECOND)))
+        else:
+            print(f"{SECOND} is absent (train it with scripts/train_demo_model.py): its rows are skipped")
+        models.append(("demo + synthetic outliers", str(save_outlier_copy(str(DEMO_MODEL_DIR),
+                                                                          Path(tmp) / "outliers"))))
+        for model_label, model in models:
+            for label, stages in SMOOTH_RUNS:
+                recipe = {"model": model, "calibration": {"dataset": "demo-calib", "num_samples": num_samples},
+                          "eval": {"dataset": "demo-heldout"},
+                          "stages": [{**s, "ignore": ["lm_head"]} if s["method"] != "smoothquant" else s
+                                     for s in stages]}
+                out = Path(tmp) / f"{model_label}-{label}".replace(" ", "_")
+                m = spawn_recipe(recipe, out)["metrics"]
+                rows.append({"model": model_label, "scheme": label, "ppl_fp32": m["baseline_ppl"], "ppl": m["ppl"],
+                             "kl": m["kl"], "top1": m["top1"]})
+                print(json.dumps(rows[-1]), flush=True)
+    plain = {r["model"]: r["kl"] for r in rows if r["scheme"] == "W8A8-int8 GPTQ"}
+    lines = ["# SmoothQuant before W8A8-int8 (int8 per-channel weights, int8 per-token dynamic activations)", "",
+             f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
+             "against each model's fp32 self, the same windows for every row). `KL / W8A8`: over the W8A8-int8 "
+             "GPTQ row of the same model. The synthetic-outlier copy computes what the demo model computes, "
+             f"with channels {list(OUTLIER_CHANNELS)} of every norm x{OUTLIER_FACTOR:g} (readers' columns "
+             "divided): see benchmarks/activations.py.", "",
+             "| model | scheme | ppl (fp32) | KL | KL / W8A8 | top-1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['ppl']:.3f} ({r['ppl_fp32']:.3f}) | {r['kl']:.5f} | "
+                     f"{r['kl'] / plain[r['model']]:.2f} | {r['top1'] * 100:.1f}% |")
+    write_results("activations_smoothquant", {"rows": rows, "num_samples": num_samples,
+                                              "outlier_channels": list(OUTLIER_CHANNELS),
+                                              "outlier_factor": OUTLIER_FACTOR}, "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--part", choices=["all", "quality", "smoothquant"], default="all")
     args = parser.parse_args()
+    if args.part in ("all", "smoothquant"):
+        smoothquant_part(args.num_samples)
+    if args.part == "smoothquant":
+        return
     from compress.models.load import DEMO_MODEL_DIR
 
     rows = []

@@ -48,6 +48,8 @@ def methods(bits: int, group: int) -> dict[str, list[dict[str, Any]]]:
         "rotation+GPTQ": [rotate, gptq],
         "GPTQ + rank-16": [{"method": "lowrank", "rank": 16, "quantizer": gptq}],
         "GPTQ + rank-32": [{"method": "lowrank", "rank": 32, "quantizer": gptq}],
+        "GPTQ default + rank-32": [{"method": "lowrank", "rank": 32,
+                                    "quantizer": {"method": "gptq", "observer": "auto", "act_order": True, **s}}],
     }
 
 
