@@ -46,6 +46,7 @@ def methods(bits: int, group: int) -> dict[str, list[dict[str, Any]]]:
         "AutoRound 500 steps": [{"method": "autoround", "iters": 500, **s}],
         "rotation+RTN": [rotate, {"method": "rtn", **s}],
         "rotation+GPTQ": [rotate, gptq],
+        "GPTQ + rank-4": [{"method": "lowrank", "rank": 4, "quantizer": gptq}],
         "GPTQ + rank-16": [{"method": "lowrank", "rank": 16, "quantizer": gptq}],
         "GPTQ + rank-32": [{"method": "lowrank", "rank": 32, "quantizer": gptq}],
         "GPTQ default + rank-32": [{"method": "lowrank", "rank": 32,
