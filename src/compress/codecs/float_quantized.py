@@ -1,4 +1,6 @@
-"""``float-quantized``: FP8 (e4m3) weights, one scale per output channel or per tensor (W8A16-FP8).
+"""``float-quantized``: FP8 (e4m3) weights, one scale per output channel or per tensor (W8A16-FP8), and
+W8A8-FP8: the same weights with e4m3 input activations, per token at run time (``FP8_DYNAMIC``) or with one
+calibrated per-tensor ``P.input_scale`` (the ``FP8`` preset's static inputs; ``kernels/fp8_act.py``).
 
 The codes are stored one per element as ``float8_e4m3fn`` in ``P.weight`` with ``P.weight_scale`` in the
 model dtype (``core/unpacked.py``, the layout compressed-tensors shares between its naive/int/float
@@ -32,30 +34,24 @@ from compress.codecs.base import (
 from compress.core.errors import CompressError
 from compress.core.packing import scale_dtype_for
 from compress.core.scheme import QuantScheme
-from compress.core.unpacked import FP8, UnpackedWeight, scale_shape
+from compress.core.unpacked import (  # noqa: F401  (FP8_MAX, fp8_scale, fp8_codes: their historic home)
+    FP8,
+    FP8_MAX,
+    UnpackedWeight,
+    fp8_codes,
+    fp8_scale,
+    scale_shape,
+    stored_input_scale,
+)
+from compress.kernels.fp8_act import is_fp8_input
 
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
 STRATEGIES = ("channel", "tensor")
-
-
-def fp8_scale(w: Tensor, scheme: QuantScheme) -> Tensor:
-    """Min-max (absmax) scale in float32: ``[out, 1]`` per channel, ``[1]`` per tensor."""
-    absmax = w.detach().float().abs()
-    absmax = absmax.amax(dim=1, keepdim=True) if scheme.w.strategy == "channel" else absmax.amax().reshape(1)
-    scale = absmax / FP8_MAX
-    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
-
-
-def fp8_codes(w: Tensor, stored_scale: Tensor, scheme: QuantScheme) -> Tensor:
-    """``clamp(w / s, ±448)`` as e4m3 codes ``[out, in]``."""
-    s = stored_scale.float().reshape(-1, 1) if scheme.w.strategy == "channel" else stored_scale.float().reshape(1, 1)
-    return torch.clamp(w.detach().float() / s, -FP8_MAX, FP8_MAX).to(FP8).contiguous()
 
 
 class FloatQuantizedCodec(StorageCodec):
     name = "float-quantized"
     marker = "weight_scale"
-    leaves = ("weight", "weight_scale")
+    leaves = ("weight", "weight_scale", "input_scale")
     code_leaves = ("weight",)
     scale_leaf = "weight_scale"
     storage_cls = UnpackedWeight
@@ -67,7 +63,8 @@ class FloatQuantizedCodec(StorageCodec):
         w = None if scheme is None else scheme.weights
         if w is None:
             return "it stores quantized weights and this scheme has none"
-        if scheme.input_activations is not None:  # type: ignore[union-attr]
+        inputs = scheme.input_activations  # type: ignore[union-attr]
+        if inputs is not None and not is_fp8_input(inputs):
             return NO_ACTIVATIONS
         if w.type != "float" or w.num_bits != 8:
             return f"it holds 8-bit float (e4m3) codes, not {w.num_bits}-bit {w.type} ones"
@@ -78,10 +75,17 @@ class FloatQuantizedCodec(StorageCodec):
         return None
 
     def encode_storage(self, weight: Tensor, scheme: QuantScheme, *, scale: Tensor | None = None,
-                       scale_dtype: torch.dtype | None = None, **unused: Any) -> UnpackedWeight:
+                       scale_dtype: torch.dtype | None = None, input_absmax: Tensor | float | None = None,
+                       **unused: Any) -> UnpackedWeight:
+        """``input_absmax``: the calibration's largest ``|x|`` of the layer's inputs, required (and only taken)
+        with static input activations; stored as ``input_scale = absmax / 448`` in the scale dtype."""
         self.check(scheme)
         if any(v is not None for v in unused.values()):
             raise CompressError(f"{self.name} takes a scale only (no zero points, no g_idx)")
+        if scheme.has_static_inputs != (input_absmax is not None):
+            raise CompressError("static FP8 input activations need the calibrated input absmax, and only they take it"
+                                if scheme.has_static_inputs else
+                                f"scheme {scheme.tag} has no static input scale to store")
         if weight.ndim != 2:
             raise CompressError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
         dtype = scale_dtype or scale_dtype_for(weight.dtype)
@@ -91,7 +95,8 @@ class FloatQuantizedCodec(StorageCodec):
             raise CompressError(f"scale has shape {tuple(scale.shape)}, expected {want}")
         stored = scale.detach().to(dtype)
         stored = torch.where(stored == 0, torch.full_like(stored, torch.finfo(dtype).tiny), stored).contiguous()
-        return UnpackedWeight(fp8_codes(weight, stored, scheme), stored, None, None, scheme)
+        input_scale = None if input_absmax is None else stored_input_scale(input_absmax, dtype).to(stored.device)
+        return UnpackedWeight(fp8_codes(weight, stored, scheme), stored, None, None, scheme, input_scale)
 
     def config(self, scheme: QuantScheme | None, *, observer: str | None = "minmax", **_: Any) -> dict[str, Any]:
         return self.scheme_group(scheme, observer=observer)
@@ -103,7 +108,10 @@ class FloatQuantizedCodec(StorageCodec):
         dtype, shape = meta[f"{prefix}.weight"]
         if dtype != "F8_E4M3" or len(shape) != 2:
             raise header_fail(prefix, "weight", f"is {dtype} {shape}, expected 2-D F8_E4M3 codes")
-        expect_headers(prefix, meta, {"weight_scale": list(scale_shape(scheme, *shape))}, f"scheme {scheme.tag}")
+        expected = {"weight_scale": list(scale_shape(scheme, *shape))}
+        if scheme.has_static_inputs:
+            expected["input_scale"] = [1]
+        expect_headers(prefix, meta, expected, f"scheme {scheme.tag}")
         return shape[0], shape[1]
 
 

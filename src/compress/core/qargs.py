@@ -65,6 +65,24 @@ class QuantArgs:
         compressed-tensors' ``W8A8`` preset writes as ``input_activations``)."""
         return cls(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True)
 
+    @classmethod
+    def fp8_weights(cls, strategy: str = "channel") -> QuantArgs:
+        """FP8 (e4m3) symmetric weights, one scale per output channel (compressed-tensors' ``FP8_DYNAMIC``
+        weights) or per tensor (its ``FP8`` preset)."""
+        return cls(num_bits=8, type="float", strategy=strategy, symmetric=True)
+
+    @classmethod
+    def fp8_per_token(cls) -> QuantArgs:
+        """Input activations of W8A8-FP8 dynamic (``FP8_DYNAMIC``): e4m3, one scale per token at run time."""
+        return cls(num_bits=8, type="float", strategy="token", symmetric=True, dynamic=True)
+
+    @classmethod
+    def fp8_per_tensor_static(cls) -> QuantArgs:
+        """Input activations of W8A8-FP8 static (the ``FP8`` preset's): e4m3, one calibrated scale per layer
+        (``P.input_scale``), chosen from the largest calibration ``|x|`` (compressed-tensors' ``static_minmax``)."""
+        return cls(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False,
+                   observer="static_minmax")
+
     # ---- structural validation -------------------------------------------------------------------------
     def validate(self, role: str = "weight") -> None:
         """Raise CompressError (one sentence) for args that describe nothing we can represent."""

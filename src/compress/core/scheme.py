@@ -52,6 +52,24 @@ class QuantScheme:
         per-token dynamic input activations (no activation calibration)."""
         return cls(weights=QuantArgs.int_weights(8, -1, True), input_activations=QuantArgs.int8_per_token())
 
+    @classmethod
+    def fp8(cls) -> QuantScheme:
+        """W8A16-FP8: e4m3 symmetric per-channel weights, float activations (compressed-tensors' FP8 weight-only
+        args: ``num_bits 8, type float, strategy channel, symmetric``), stored ``float-quantized``."""
+        return cls(weights=QuantArgs.fp8_weights("channel"))
+
+    @classmethod
+    def w8a8_fp8(cls, static: bool = False) -> QuantScheme:
+        """W8A8-FP8: e4m3 per-channel weights and e4m3 input activations, per token at run time (``FP8_DYNAMIC``,
+        the default) or, ``static``, one calibrated per-tensor scale per layer (the ``FP8`` preset's inputs)."""
+        inputs = QuantArgs.fp8_per_tensor_static() if static else QuantArgs.fp8_per_token()
+        return cls(weights=QuantArgs.fp8_weights("channel"), input_activations=inputs)
+
+    @property
+    def has_static_inputs(self) -> bool:
+        """Input activations with a calibrated (stored) scale rather than one computed at run time."""
+        return self.input_activations is not None and not self.input_activations.dynamic
+
     @property
     def weight_only(self) -> QuantScheme:
         """The same weights without activation quantization (what the weight-side integer math reads)."""
@@ -140,7 +158,8 @@ class QuantScheme:
     @property
     def tag(self) -> str:
         """Short name used in output folder names and reports: ``w4g128``, ``w8`` (per-channel), ``w4g128a``
-        (asymmetric), ``wfp8`` (FP8 per channel), ``w8a8d`` (dynamic 8-bit input activations)."""
+        (asymmetric), ``wfp8`` (FP8 per channel), ``w8a8d`` (dynamic 8-bit input activations), ``wfp8afp8d``
+        (W8A8-FP8, per-token dynamic inputs), ``wfp8afp8t`` (W8A8-FP8, one static input scale per tensor)."""
         parts = []
         if self.weights is not None:
             parts.append(f"w{self.weights.tag}")
@@ -196,5 +215,6 @@ class QuantScheme:
                        observer=observer if observer is not None else w.observer)
 
 
-SCHEMES = {"w8a8-int8": QuantScheme.w8a8_int8}
+SCHEMES = {"w8a8-int8": QuantScheme.w8a8_int8, "fp8": QuantScheme.fp8, "w8a8-fp8": QuantScheme.w8a8_fp8,
+           "w8a8-fp8-static": lambda: QuantScheme.w8a8_fp8(static=True)}
 """Named schemes (``compress quantize --scheme NAME``, a quantize stage's ``scheme`` field)."""

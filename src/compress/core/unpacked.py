@@ -10,7 +10,10 @@ against the package:
 - ``P.weight_scale``: the model dtype, ``[1]`` per tensor, ``[out, 1]`` per channel, ``[out, n_groups]``
   per group;
 - ``P.weight_zero_point``: asymmetric only (the compressor drops symmetric ones), the scale's shape, int8;
-- reconstruction ``w = (q - zp) * s`` (integer) or ``w = q * s`` (float), computed in the scale dtype.
+- reconstruction ``w = (q - zp) * s`` (integer) or ``w = q * s`` (float), computed in the scale dtype;
+- ``P.input_scale``: only for static input activations (W8A8-FP8 ``--static``), ``[1]`` in the model dtype,
+  the calibrated per-tensor scale a reader divides each input by (compressed-tensors ``initialize_qparams``
+  gives strategy ``tensor`` the shape ``(1,)`` and the weight's dtype). Dynamic inputs store nothing.
 
 Why a second integer layout next to pack-quantized: it is what llm-compressor writes for W8A8, and an
 int8 tensor is what int8 GEMM kernels read directly. ``weight_shape`` is kept in memory only (a module
@@ -32,6 +35,35 @@ from compress.core.scheme import QuantScheme
 from compress.core.storage import WeightStorage
 
 FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def fp8_round(t: Tensor) -> Tensor:
+    """``clamp(t, ±448)`` rounded to the nearest e4m3 value (a saturating cast), back in float32."""
+    return torch.clamp(t.float(), -FP8_MAX, FP8_MAX).to(FP8).float()
+
+
+def fp8_scale(w: Tensor, scheme: QuantScheme) -> Tensor:
+    """Min-max (absmax) FP8 weight scale in float32: ``[out, 1]`` per channel, ``[1]`` per tensor; ``absmax / 448``
+    (compressed-tensors divides by half its code range, ``(448 - (-448)) / 2``), a zero scale replaced by eps."""
+    absmax = w.detach().float().abs()
+    absmax = absmax.amax(dim=1, keepdim=True) if scheme.w.strategy == "channel" else absmax.amax().reshape(1)
+    scale = absmax / FP8_MAX
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+
+
+def fp8_codes(w: Tensor, stored_scale: Tensor, scheme: QuantScheme) -> Tensor:
+    """``clamp(w / s, ±448)`` as e4m3 codes ``[out, in]`` (``s``: the scale as stored)."""
+    s = stored_scale.float().reshape(-1, 1) if scheme.w.strategy == "channel" else stored_scale.float().reshape(1, 1)
+    return torch.clamp(w.detach().float() / s, -FP8_MAX, FP8_MAX).to(FP8).contiguous()
+
+
+def stored_input_scale(absmax: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """The static per-tensor input scale ``[1]`` in its storage dtype: ``absmax / 448`` from the calibration's
+    largest ``|x|``, rounded to ``dtype``; a zero (a layer that only ever saw zeros) becomes the dtype's eps,
+    as compressed-tensors' ``calculate_qparams`` does."""
+    scale = (torch.as_tensor(absmax, dtype=torch.float32).reshape(1) / FP8_MAX).to(dtype)
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).eps), scale).contiguous()
 
 
 def code_dtype(scheme: QuantScheme) -> torch.dtype:
@@ -62,16 +94,19 @@ def spread(t: Tensor, scheme: QuantScheme, out_features: int, in_features: int) 
 
 @dataclass
 class UnpackedWeight(WeightStorage):
-    """One code per element (int8 or FP8) plus scales and, asymmetric integer only, zero points."""
+    """One code per element (int8 or FP8) plus scales and, asymmetric integer only, zero points; with static
+    input activations, the layer's calibrated ``input_scale`` too."""
 
     weight: Tensor
     weight_scale: Tensor
     weight_zero_point: Tensor | None
     weight_shape: Tensor | None
     scheme: QuantScheme
+    input_scale: Tensor | None = None
 
-    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("weight", "weight_scale", "weight_zero_point", "weight_shape")
-    PERSISTENT: ClassVar[frozenset[str]] = frozenset({"weight", "weight_scale", "weight_zero_point"})
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("weight", "weight_scale", "weight_zero_point", "weight_shape",
+                                                "input_scale")
+    PERSISTENT: ClassVar[frozenset[str]] = frozenset({"weight", "weight_scale", "weight_zero_point", "input_scale"})
 
     def __post_init__(self) -> None:
         if self.weight_shape is None:  # derived, so parameter counts see [out, in] as for packed layers
@@ -101,6 +136,7 @@ class UnpackedWeight(WeightStorage):
             weight_zero_point=None if scheme.symmetric else torch.zeros(shape, dtype=torch.int8, device=device),
             weight_shape=None,
             scheme=scheme,
+            input_scale=torch.ones(1, dtype=scale_dtype, device=device) if scheme.has_static_inputs else None,
         )
 
     @classmethod
@@ -133,7 +169,14 @@ class UnpackedWeight(WeightStorage):
             lo, hi = int(weight.min()) if weight.numel() else 0, int(weight.max()) if weight.numel() else 0
             if lo < scheme.qmin or hi > scheme.qmax:
                 raise fail("weight", f"holds codes outside the signed {scheme.bits}-bit range")
-        return cls(weight, scale, zp, None, scheme)
+        input_scale = None
+        if scheme.has_static_inputs:
+            input_scale = get("input_scale")
+            if not input_scale.dtype.is_floating_point or input_scale.dtype == FP8 or tuple(input_scale.shape) != (1,) \
+                    or not bool(torch.isfinite(input_scale).all()) or float(input_scale.float().min()) <= 0:
+                raise fail("input_scale", f"is {input_scale.dtype} {list(input_scale.shape)}, expected one positive "
+                                          f"float [1] for {scheme.tag}")
+        return cls(weight, scale, zp, None, scheme, input_scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``(q - zp) * s`` in float32 (exact: at most 8+8 significant bits), then ``dtype`` (what the reader's

@@ -32,6 +32,7 @@ from torch import Tensor
 from compress.core.errors import CompressError
 from compress.core.qargs import QuantArgs
 from compress.core.scheme import QuantScheme
+from compress.kernels.fp8_act import fake_quantize_fp8, is_fp8_input
 from compress.kernels.paths import KernelPath, register_path
 
 if TYPE_CHECKING:
@@ -63,10 +64,14 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def fake_quantize_input(x: Tensor, args: QuantArgs) -> Tensor:
-    """``x`` quantized per token and dequantized back (float32 math, result in ``x.dtype``)."""
+def fake_quantize_input(x: Tensor, args: QuantArgs, input_scale: Tensor | None = None) -> Tensor:
+    """``x`` quantized and dequantized back (float32 math, result in ``x.dtype``): int8 per token here, FP8
+    per token or with the layer's static ``input_scale`` in ``kernels/fp8_act.py``."""
+    if is_fp8_input(args):
+        return fake_quantize_fp8(x, args, input_scale)
     if not is_int8_per_token(args):
-        raise CompressError(f"input activations {args.tag} are not run here (only int8 per-token dynamic)")
+        raise CompressError(f"input activations {args.tag} are not run here (only int8 per-token dynamic, FP8 "
+                            "per-token dynamic or FP8 per-tensor static)")
     q, scale = quantize_per_token(x)
     return (q.float() * scale).to(x.dtype)
 

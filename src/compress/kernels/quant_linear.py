@@ -8,8 +8,8 @@ with activation ordering, ``weight_shape``; or ``weight``, ``weight_scale``, ...
 ``storage()`` hands the same tensors back as the typed object the kernels compute from (no copy, no
 scheme rebuilt); ``format`` names the codec that wrote them (``compress.codecs``). The forward goes
 through the layer's kernel path (``kernels/paths.py``) and never branches on the device. A scheme with
-input activations (W8A8-int8) has its input quantized per token first, unless the path does it itself
-(``kernels/int8_act.py``).
+input activations (W8A8-int8, W8A8-FP8) has its input quantized first (per token, or with the layer's stored
+static ``input_scale``), unless the path does it itself (``kernels/int8_act.py``, ``kernels/fp8_act.py``).
 
 Low-rank compensation (``set_lowrank``, EoRA): optional factors ``lora_A [r, in]`` and ``lora_B [out, r]`` in
 the scales' dtype, added as ``y = Ŵx + B(Ax)`` after whichever path computed ``Ŵx``, on the unquantized
@@ -238,7 +238,8 @@ class QuantLinear(nn.Module):
             raise CompressError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         acts = self.scheme.input_activations
         if acts is not None and not getattr(self.kernel, "quantizes_inputs", False):
-            x = fake_quantize_input(x, acts)  # W8A8: every path computes on the per-token quantized input
+            # W8A8: every path computes on the quantized input (per token, or with the stored static scale)
+            x = fake_quantize_input(x, acts) if acts.dynamic else fake_quantize_input(x, acts, self.input_scale)
         cached = self._dense_cache
         if cached is not None and self.kernel is None and cached.dtype == compute_dtype(x) \
                 and cached.device == x.device:
