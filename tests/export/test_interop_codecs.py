@@ -156,7 +156,8 @@ def test_inspect_reports_fp8_layers(folders) -> None:
 
 
 @pytest.mark.parametrize(("edit", "needle"), [
-    (lambda g: g.__setitem__("input_activations", QuantArgs(num_bits=8, type="float", strategy="token",
+    # e4m3 weights with int8 inputs: no reader pairs them (FP8 inputs are served: tests/export/test_interop_fp8.py)
+    (lambda g: g.__setitem__("input_activations", QuantArgs(num_bits=8, type="int", strategy="token",
                                                              dynamic=True).to_dict()),
      "no kernel here quantizes input activations"),
     (lambda g: g["weights"].__setitem__("strategy", "group") or g["weights"].__setitem__("group_size", 32),
@@ -165,7 +166,7 @@ def test_inspect_reports_fp8_layers(folders) -> None:
     (lambda g: g.__setitem__("format", "pack-quantized"), "is stored as float-quantized"),
 ])
 def test_unservable_schemes_are_one_sentence(folders, tmp_path, edit, needle) -> None:
-    """W8A8 (dynamic activations) and other forms no codec serves are refused, never run as W8A16."""
+    """Input activations no kernel here runs and other forms no codec serves are refused, never run as W8A16."""
     import shutil
 
     folder = tmp_path / "ckpt"

@@ -60,7 +60,7 @@ def test_preset_is_gptq_w8a8():
 
 
 @pytest.mark.parametrize(("flags", "needle"), [
-    (["--format", "gptq"], "GPTQ layout cannot express"),
+    (["--format", "gptq"], "the GPTQ layout can express"),
     (["--bits", "4"], "8-bit symmetric per-channel"),
     (["--group-size", "128"], "8-bit symmetric per-channel"),
     (["--asym"], "8-bit symmetric per-channel"),

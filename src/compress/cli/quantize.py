@@ -66,8 +66,14 @@ def quantize(
                                                          "auto for gptq, minmax for rtn")),
     ignore: list[str] | None = typer.Option(None, help=shown("Layer name pattern to leave dense (repeatable).",
                                                              "lm_head")),
-    scheme: str | None = typer.Option(None, "--scheme", help="Weight + activation scheme: w8a8-int8 (int8 "
-                                      "per-channel weights, int8 per-token dynamic activations, int-quantized)."),
+    scheme: str | None = typer.Option(None, "--scheme", help="Named weight + activation scheme: w8a8-int8 (int8 "
+                                      "per-channel weights, int8 per-token dynamic inputs, int-quantized), fp8 "
+                                      "(e4m3 per-channel weights, 16-bit inputs, float-quantized) or w8a8-fp8 "
+                                      "(e4m3 weights and e4m3 inputs; see --static)."),
+    static: bool | None = typer.Option(None, "--static/--dynamic",
+                                       help=shown("w8a8-fp8: one calibrated input scale per layer (--static, reads "
+                                                  "the calibration data) or per-token scales at run time.",
+                                                  "--dynamic")),
     lowrank_compensate: int | None = typer.Option(None, "--lowrank-compensate", metavar="RANK",
                                                   help="Add rank-RANK factors of each layer's quantization error, "
                                                   "fitted on the calibration inputs (EoRA), as a PEFT adapter in "
@@ -92,7 +98,7 @@ def quantize(
     as_json: bool = AS_JSON,
 ) -> None:
     """Quantize MODEL's linear layers and write a compressed-tensors (or GPTQ-layout) checkpoint."""
-    activations = _scheme_activations(scheme, bits, group_size, sym, export_format)
+    activations = _scheme_activations(scheme, static, bits, group_size, sym, export_format)
     if activations is not None:
         bits, group_size = 8, -1
     flags = {
@@ -126,23 +132,30 @@ def _preset_for(method: str | None) -> str:
     return name if method and name in preset_names() else "w4a16-gptq"
 
 
-SCHEME_ACTIVATIONS = {"w8a8-int8": "int8-dynamic"}
-"""``--scheme`` names → the quantize stage's ``activations`` field (the weights: 8-bit per channel)."""
+SCHEME_ACTIVATIONS = {"w8a8-int8": "int8-dynamic", "fp8": "none", "w8a8-fp8": "fp8-dynamic"}
+"""``--scheme`` names (each also a built-in recipe) → the quantize stage's ``activations`` field; the weights
+are 8-bit per channel (int8 for w8a8-int8, e4m3 for the FP8 two)."""
 
 
-def _scheme_activations(scheme: str | None, bits: int | None, group_size: int | None, sym: bool | None,
-                        export_format: str | None) -> str | None:
+def _scheme_activations(scheme: str | None, static: bool | None, bits: int | None, group_size: int | None,
+                        sym: bool | None, export_format: str | None) -> str | None:
     """The stage's ``activations`` for ``--scheme``, or a one-sentence refusal (exit 2) before anything loads."""
     from compress.core.errors import CompressError
 
     if scheme is None:
+        if static is not None:
+            raise CompressError("--static/--dynamic choose how W8A8-FP8 scales its inputs; add --scheme w8a8-fp8")
         return None
     if scheme not in SCHEME_ACTIVATIONS:
         raise CompressError(f"unknown --scheme {scheme!r}; use {', '.join(SCHEME_ACTIVATIONS)}")
+    if static is not None and scheme != "w8a8-fp8":
+        raise CompressError(f"--static/--dynamic apply to --scheme w8a8-fp8 only; {scheme} "
+                            + ("quantizes its inputs per token at run time" if scheme == "w8a8-int8"
+                               else "leaves its inputs unquantized"))
     if export_format == "gptq":
-        raise CompressError(f"--scheme {scheme} quantizes input activations, which the GPTQ layout cannot "
-                            "express; use --format compressed-tensors")
+        raise CompressError(f"--scheme {scheme} is not an integer weight-only scheme, which is all the GPTQ layout "
+                            "can express; use --format compressed-tensors")
     if bits not in (None, 8) or group_size not in (None, -1) or sym is False:
         raise CompressError(f"--scheme {scheme} has 8-bit symmetric per-channel weights; drop --bits, "
                             "--group-size and --asym or set them to 8, -1 and --sym")
-    return SCHEME_ACTIVATIONS[scheme]
+    return "fp8-static" if scheme == "w8a8-fp8" and static else SCHEME_ACTIVATIONS[scheme]

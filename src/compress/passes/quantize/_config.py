@@ -14,7 +14,7 @@ from torch import nn
 from compress.core.scheme import QuantScheme
 from compress.passes.base import PassConfig
 
-ACTIVATION_SCHEMES = ("none", "int8-dynamic")
+ACTIVATION_SCHEMES = ("none", "int8-dynamic", "fp8-dynamic", "fp8-static")
 
 
 class WeightQuantConfig(PassConfig):
@@ -56,10 +56,24 @@ class ActivationQuantConfig(WeightQuantConfig):
     as usual at 8 bits per output channel, symmetric; the inputs are quantized per token when the layer
     runs, so nothing about them is calibrated. Layers are stored ``int-quantized``."""
 
-    activations: Literal["none", "int8-dynamic"] = "none"
+    activations: Literal["none", "int8-dynamic", "fp8-dynamic", "fp8-static"] = "none"
+    """``fp8-dynamic`` / ``fp8-static``: W8A8-FP8 (needs ``type: float``), inputs per token at run time, or
+    one per-tensor scale per layer from the calibration's largest ``|x|`` (then the pass reads data)."""
+    type: Literal["int", "float"] = "int"
+    """Weight codes: ``int`` (packed integers), or ``float``: FP8 e4m3 (bits 8, per channel, symmetric, min/max
+    scales ``absmax / 448``), stored ``float-quantized``."""
 
     @model_validator(mode="after")
     def _w8a8_weights(self) -> ActivationQuantConfig:
+        if self.type == "float":
+            if self.bits != 8 or self.group_size != -1 or not self.symmetric:
+                raise ValueError("float (FP8 e4m3) weights need bits 8, group_size -1 (per channel) and symmetric")
+            if self.observer != "minmax":
+                raise ValueError("float (FP8 e4m3) weights take min/max scales (observer minmax)")
+            if self.activations == "int8-dynamic":
+                raise ValueError("int8-dynamic activations need int weights; use fp8-dynamic with float weights")
+        elif self.activations.startswith("fp8"):
+            raise ValueError(f"{self.activations} activations (W8A8-FP8) need float weights (type float)")
         if self.activations == "int8-dynamic" and (self.bits != 8 or self.group_size != -1 or not self.symmetric):
             raise ValueError("int8-dynamic activations (W8A8-int8) need 8-bit symmetric per-channel weights "
                              "(bits 8, group_size -1, symmetric)")
@@ -69,11 +83,19 @@ class ActivationQuantConfig(WeightQuantConfig):
     def scheme(self) -> QuantScheme:
         if self.activations == "int8-dynamic":
             return QuantScheme.w8a8_int8()
+        if self.type == "float":
+            return QuantScheme.fp8() if self.activations == "none" \
+                else QuantScheme.w8a8_fp8(static=self.activations == "fp8-static")
         return super().scheme
+
+    def scheme_for(self, in_features: int) -> QuantScheme:
+        return self.scheme if self.type == "float" else super().scheme_for(in_features)
 
     @property
     def storage_format(self) -> str:
         """The codec the layers are written in: ``int-quantized`` for W8A8-int8, else ``pack-quantized``."""
+        if self.type == "float":
+            return "float-quantized"
         return "int-quantized" if self.activations == "int8-dynamic" else "pack-quantized"
 
 

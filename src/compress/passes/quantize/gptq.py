@@ -60,7 +60,11 @@ class GPTQConfig(ActivationQuantConfig):
     - ``auto``: per layer, the whole sweep run with min/max, the search limited to shrinks <= 0.2 and the full
       search, keeping the solve with the lowest output error ``tr((W-Ŵ) H (W-Ŵ)ᵀ)``. A per-group weight
       error does not see GPTQ's error feedback, and at 2 bits the deep search over-clips: on qwen2-256 at
-      W2g128 ``auto`` cut the KL by 17% (benchmarks/results/low_bits_depths.md). Three solves per layer."""
+      W2g128 ``auto`` cut the KL by 17% (benchmarks/results/low_bits_depths.md). Three solves per layer.
+
+    ``auto`` with act-order is the default: on both reference models it is never worse than ``mse`` without
+    act-order and 0.71-0.87x its KL on qwen2-256 (W2g64 to W4g128; act-order alone was 1.17x at W2g64),
+    0.95-1.00x on the demo model (benchmarks/results/beyond_gptq.md), for about 25% more solve time."""
     damp: float = Field(0.01, gt=0, lt=1)
     """Relative dampening: ``λ = damp · mean(diag H)`` added to the diagonal before inverting."""
     block_size: int = Field(128, gt=0)
@@ -86,6 +90,14 @@ class GPTQConfig(ActivationQuantConfig):
                              "desc_act) is refused by compressed-tensors >= 0.19, vLLM and GPTQModel; "
                              "leave static_groups unset or true")
         return {**data, "static_groups": True}
+
+    @model_validator(mode="after")
+    def _integer_grid(self) -> GPTQConfig:
+        # refused while the recipe is read, before any weights load: GPTQ's error feedback is written for an
+        # integer grid, and e4m3's round-to-nearest at 8 bits leaves it nothing to correct (FP8 uses rtn)
+        if self.type == "float":
+            raise ValueError("GPTQ solves integer grids only; FP8 weights (type float) use method rtn")
+        return self
 
 
 def pack_result(result: GPTQResult, config: GPTQConfig, dtype: torch.dtype,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from compress.calibrate.stats import InputNormStats
+from compress.calibrate.stats import InputAbsMaxStats, InputNormStats
 from compress.codecs import quantize_linear
 from compress.core.errors import CompressError
 from compress.core.observers import choose_qparams
@@ -38,9 +38,12 @@ class RTNPass(SchemeQuantizer, LayerPass):
 
     def __init__(self, config: RTNConfig) -> None:
         super().__init__(config)
-        self.needs_calibration = config.observer == "imatrix"  # only the weighted search reads data
+        # only the weighted search and static FP8 input scales read data
+        self.needs_calibration = config.observer == "imatrix" or config.activations == "fp8-static"
 
-    def make_stats(self, name: str, linear: nn.Linear) -> InputNormStats | None:
+    def make_stats(self, name: str, linear: nn.Linear) -> InputNormStats | InputAbsMaxStats | None:
+        if self.config.activations == "fp8-static":
+            return InputAbsMaxStats(linear.in_features)
         return InputNormStats(linear.in_features) if self.config.observer == "imatrix" else None
 
     def record_facts(self, name: str, module: nn.Module) -> dict[str, Any]:
@@ -65,7 +68,12 @@ class RTNPass(SchemeQuantizer, LayerPass):
             qparams = dict(zip(("scale", "zero_point"),
                                choose_qparams(linear.weight.detach(), scheme.weight_only, observer="mse",
                                               importance=importance), strict=True))
-        if scheme.input_activations is not None:  # W8A8-int8: int8 codes, inputs quantized at run time
+        if scheme.has_static_inputs:  # W8A8-FP8 static: one input scale from the calibration's largest |x|
+            if not isinstance(stats, InputAbsMaxStats) or stats.tokens == 0:
+                raise CompressError(f"static FP8 input scales need calibration inputs for layer {name}, and saw none")
+            qparams["input_absmax"] = stats.abs_max.max()
+        if scheme.input_activations is not None or self.config.type == "float":
+            # W8A8-int8 (int8 codes), FP8 weights (e4m3 codes): their own layouts, inputs quantized at run time
             return quantize_linear(linear, scheme, format=self.config.storage_format, **qparams)
         quantized = QuantLinear.from_linear(linear, scheme, **qparams)
         # zero lies in every group's range, so an earlier stage's pruned weights stay exactly zero: the layer's
