@@ -342,8 +342,8 @@ def test_demo_export_says_to_add_bos(demo_exports):
 @pytest.mark.parametrize("name", ["w4", "w4a", "w8"])
 def test_llama_cpp_runs_the_export_with_our_logits(demo_exports, name):
     """The trained demo model (a random one barely depends on the q/k row order): llama.cpp's logits on the
-    same tokens agree with compress.load's within llama.cpp's own rounding (it quantizes activations to 8 bits
-    for its integer dot products); measured ~0.7% of the logit range, ~47% with the q/k permutation left out."""
+    same tokens agree with compress.load's within llama.cpp's own rounding (its CPU matmuls quantize activations
+    to 8-bit blocks); measured ~0.7% of the largest logit, ~47% with the q/k permutation left out."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (an sdist only)")
     from transformers import AutoTokenizer
 
