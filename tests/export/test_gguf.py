@@ -12,6 +12,7 @@ never replaced. When llama-cpp-python is importable, llama.cpp itself runs the e
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -272,6 +273,48 @@ def test_bad_input_exits_2_and_writes_nothing(bad_sources, tmp_path, source, nee
     assert needle in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # not even the folder made for it
+
+
+def _edit_config(data: dict, tok: dict) -> None:
+    data["attention_bias"] = True
+
+
+def _edit_rope(data: dict, tok: dict) -> None:
+    data["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}
+
+
+def _edit_window(data: dict, tok: dict) -> None:
+    data["sliding_window"] = 64
+
+
+def _edit_tokenizer(data: dict, tok: dict) -> None:
+    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+
+
+def _edit_vocab(data: dict, tok: dict) -> None:
+    tok["added_tokens"].append({"id": 500, "content": "<extra>", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (_edit_config, "with attention or MLP biases is not supported"),
+    (_edit_rope, "default RoPE only; this model uses linear RoPE scaling"),
+    (_edit_window, "sliding window of 64 tokens"),
+    (_edit_tokenizer, "byte-level BPE tokenizers with GPT-2 pre-tokenization only"),
+    (_edit_vocab, "GGUF needs one embedding row per token"),
+])
+def test_what_llama_cpp_would_run_differently_is_refused(folders, tmp_path, edit, needle):
+    source = tmp_path / "edited"
+    shutil.copytree(folders["w4"], source)
+    config, tokenizer = json.loads((source / "config.json").read_text()), json.loads(
+        (source / "tokenizer.json").read_text())
+    edit(config, tokenizer)
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "tokenizer.json").write_text(json.dumps(tokenizer))
+    result = _export(source, tmp_path / "model.gguf")
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited"]
 
 
 def test_output_refusals_leave_everything_untouched(folders, tmp_path):

@@ -198,7 +198,11 @@ def _tokenizer(source: Path, config: dict[str, Any], vocab_size: int) -> dict[st
     for token in data.get("added_tokens") or []:
         vocab[token["content"]] = int(token["id"])
         (special if token.get("special") else added).add(int(token["id"]))
-    size = max(vocab_size, max(vocab.values(), default=-1) + 1)
+    largest = max(vocab.values(), default=-1)
+    if largest >= vocab_size:
+        raise CompressError(f"the tokenizer has token id {largest} but the model embeds {vocab_size} tokens; "
+                            "GGUF needs one embedding row per token")
+    size = vocab_size
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [5] * size  # UNUSED until filled
     for text, index in vocab.items():
