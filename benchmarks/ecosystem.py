@@ -133,8 +133,8 @@ def logits_agreement(gguf_path: Path, checkpoint: Path, windows: list[list[int]]
     fp32 = compress.load(DEMO_MODEL_DIR, device="cpu")
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(map(len, windows)), n_batch=512, logits_all=True,
                           verbose=False, n_threads=2)
-    worst = kl_sum = 0.0
-    agree = agree_fp = count = 0
+    worst = kl_sum = kl_fp_ours = kl_fp_theirs = 0.0
+    agree = agree_fp = agree_fp_theirs = count = 0
     try:
         for ids in windows:
             llm.reset()
@@ -144,16 +144,21 @@ def logits_agreement(gguf_path: Path, checkpoint: Path, windows: list[list[int]]
                 ours = ours_model(torch.tensor([ids])).logits[0].double()
                 ref = fp32(torch.tensor([ids])).logits[0].double()
             worst = max(worst, float((theirs - ours).abs().max() / (ours.max() - ours.min())))
-            p = torch.log_softmax(ours, -1)
-            kl_sum += float((p.exp() * (p - torch.log_softmax(theirs, -1))).sum())
+            p, q, r = (torch.log_softmax(x, -1) for x in (ours, theirs, ref))
+            kl_sum += float((p.exp() * (p - q)).sum())
+            kl_fp_ours += float((r.exp() * (r - p)).sum())
+            kl_fp_theirs += float((r.exp() * (r - q)).sum())
             agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
             agree_fp += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+            agree_fp_theirs += int((theirs.argmax(-1) == ref.argmax(-1)).sum())
             count += len(ids)
     finally:
         llm.close()
     return {"ran": True, "llama_cpp_python": llama_cpp.__version__, "tokens": count,
             "max_abs_over_logit_range": worst, "kl_ours_to_llama_cpp": kl_sum / count, "top1_vs_ours": agree / count,
-            "ours_top1_vs_fp32": agree_fp / count}
+            "ours_top1_vs_fp32": agree_fp / count,
+            "llama_cpp_top1_vs_fp32": agree_fp_theirs / count, "kl_fp32_to_ours": kl_fp_ours / count,
+            "kl_fp32_to_llama_cpp": kl_fp_theirs / count}
 
 
 def part_gguf(windows: int, seq_len: int) -> None:
@@ -178,7 +183,9 @@ def part_gguf(windows: int, seq_len: int) -> None:
                          "bytes": byte_breakdown(target, checkpoint),
                          "weights": weight_difference(target, checkpoint),
                          "logits": logits_agreement(target, checkpoint, tokens)})
-    write_results("ecosystem_gguf", {"part": "gguf", "model": "demo (embedded, 4 layers, 1.3M parameters)",
+    from importlib.metadata import version
+
+    write_results("ecosystem_gguf", {"part": "gguf", "gguf": version("gguf"), "model": "demo (embedded, 4 layers, 1.3M parameters)",
                                      "method": "compress quantize default (GPTQ, act-order, observer auto)",
                                      "windows": windows, "seq_len": seq_len, "rows": rows}, markdown(rows, windows,
                                                                                                      seq_len))
@@ -213,13 +220,15 @@ def markdown(rows: list[dict[str, Any]], windows: int, seq_len: int) -> str:
               f"GGML_NATIVE=OFF) against `compress.load` on the same {windows} held-out windows of {seq_len} "
               "tokens (demo-heldout, <s> first). Its CPU matmuls quantize the activations to 8-bit blocks (Q8_0 / "
               "Q8_1) for their integer dot products, so its logits are not expected to equal ours bit for bit; our "
-              "own top-1 agreement with the fp32 model shows the scale of the quantization itself.", "",
+              "own KL and top-1 agreement to the fp32 model show the scale of the quantization itself.", "",
               "| setting | max abs Δlogit / logit range | KL(ours ‖ llama.cpp) | top-1 llama.cpp = ours | "
-              "top-1 ours = fp32 |", "|---|---|---|---|---|"]
+              "KL(fp32 ‖ ours) | KL(fp32 ‖ llama.cpp) | top-1 ours = fp32 | top-1 llama.cpp = fp32 |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in ran:
         g = r["logits"]
         lines.append(f"| {r['setting']} | {g['max_abs_over_logit_range']:.4f} | {g['kl_ours_to_llama_cpp']:.2e} | "
-                     f"{g['top1_vs_ours']:.1%} | {g['ours_top1_vs_fp32']:.1%} |")
+                     f"{g['top1_vs_ours']:.1%} | {g['kl_fp32_to_ours']:.2e} | {g['kl_fp32_to_llama_cpp']:.2e} | "
+                     f"{g['ours_top1_vs_fp32']:.1%} | {g['llama_cpp_top1_vs_fp32']:.1%} |")
     return "\n".join(lines)
 
 
