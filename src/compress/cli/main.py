@@ -11,6 +11,7 @@ from compress.cli._params import Command, Group
 from compress.cli.bench_cmd import bench
 from compress.cli.convert_cmd import convert
 from compress.cli.evaluate import evaluate
+from compress.cli.export_cmd import export
 from compress.cli.inspect_cmd import inspect
 from compress.cli.prune import prune
 from compress.cli.quantize import quantize
@@ -29,7 +30,8 @@ app = typer.Typer(
     cls=Group,
 )
 for _name, _command in (("quantize", quantize), ("prune", prune), ("eval", evaluate), ("run", run),
-                        ("inspect", inspect), ("bench", bench), ("convert", convert), ("verify", verify)):
+                        ("inspect", inspect), ("bench", bench), ("convert", convert), ("export", export),
+                        ("verify", verify)):
     app.command(_name, cls=Command)(_command)
 app.add_typer(recipes_app, name="recipes")
 
