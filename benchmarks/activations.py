@@ -18,8 +18,14 @@ matching input columns of their readers divided by 30. That copy computes exactl
 beyond ~6B put theirs (the reason SmoothQuant exists). Our small trained models have few outliers: the
 natural rows show what smoothing does when there is little to migrate.
 
-Run: python benchmarks/activations.py [--num-samples 64] [--part all|quality|smoothquant]
-     → benchmarks/results/activations.json|md (``--part smoothquant`` → activations_smoothquant.json|md)
+FP8 (``--part fp8``): e4m3 beside int8 on the same three models: W8A16 int8 and FP8 weight-only (RTN, per
+channel), W8A8-int8 (RTN and GPTQ weights) and W8A8-FP8 with per-token dynamic and per-tensor static inputs.
+The "FP8 versus INT8" claim (FP8 activations beat int8 on outlier-heavy activations) is what the outlier copy
+tests: a 30x channel costs per-token int8 resolution across the whole token, e4m3's exponent keeps the rest.
+
+Run: python benchmarks/activations.py [--num-samples 64] [--part all|quality|smoothquant|fp8]
+     → benchmarks/results/activations.json|md (``--part smoothquant`` → activations_smoothquant.json|md,
+     ``--part fp8`` → activations_fp8.json|md)
 """
 
 from __future__ import annotations
@@ -45,6 +51,15 @@ SMOOTH_RUNS = [
     ("SmoothQuant 0.5 + W8A8-int8 GPTQ", [{"method": "smoothquant", "alpha": 0.5}, RUNS[2][1]]),
     ("SmoothQuant auto + W8A8-int8 GPTQ", [{"method": "smoothquant", "alpha": "auto"}, RUNS[2][1]]),
     ("SmoothQuant 0.5 + W8A8-int8 RTN", [{"method": "smoothquant", "alpha": 0.5}, RUNS[1][1]]),
+]
+FP8_WEIGHTS = {"method": "rtn", "type": "float", "bits": 8, "group_size": -1, "observer": "minmax"}
+FP8_RUNS = [
+    ("W8A16 int8 RTN", [{"method": "rtn", "bits": 8, "group_size": -1, "observer": "minmax"}]),
+    ("W8A16-FP8 RTN", [FP8_WEIGHTS]),
+    ("W8A8-int8 RTN", [RUNS[1][1]]),
+    ("W8A8-int8 GPTQ", [RUNS[2][1]]),
+    ("W8A8-FP8 dynamic", [{**FP8_WEIGHTS, "activations": "fp8-dynamic"}]),
+    ("W8A8-FP8 static", [{**FP8_WEIGHTS, "activations": "fp8-static"}]),
 ]
 OUTLIER_CHANNELS, OUTLIER_FACTOR = (3, 17, 40), 30.0
 SECOND = Path(__file__).resolve().parent / "models" / "qwen2-256"
@@ -116,20 +131,26 @@ def save_outlier_copy(source: str, out: Path) -> Path:
     return out
 
 
-def smoothquant_part(num_samples: int) -> None:
+def benchmark_models(tmp: Path) -> list[tuple[str, str]]:
+    """(label, folder) of the models a part runs on: demo, qwen2-256 when trained, the synthetic-outlier copy."""
     from compress.models.load import DEMO_MODEL_DIR
 
+    models = [("demo", str(DEMO_MODEL_DIR))]
+    if SECOND.exists():
+        models.append(("qwen2-256", str(SECOND)))
+    else:
+        print(f"{SECOND} is absent (train it with scripts/train_demo_model.py): its rows are skipped")
+    models.append(("demo + synthetic outliers", str(save_outlier_copy(str(DEMO_MODEL_DIR), tmp / "outliers"))))
+    return models
+
+
+def quality_rows(runs: list[tuple[str, list[dict]]], num_samples: int) -> list[dict]:
+    """Every run on every benchmark model, each in its own process (``compress.run``: load, calibrate, sweep,
+    export, eval of the export); KL, ppl and top-1 against the model's own fp32 self."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        models = [("demo", str(DEMO_MODEL_DIR))]
-        if SECOND.exists():
-            models.append(("qwen2-256", str(SECOND)))
-        else:
-            print(f"{SECOND} is absent (train it with scripts/train_demo_model.py): its rows are skipped")
-        models.append(("demo + synthetic outliers", str(save_outlier_copy(str(DEMO_MODEL_DIR),
-                                                                          Path(tmp) / "outliers"))))
-        for model_label, model in models:
-            for label, stages in SMOOTH_RUNS:
+        for model_label, model in benchmark_models(Path(tmp)):
+            for label, stages in runs:
                 recipe = {"model": model, "calibration": {"dataset": "demo-calib", "num_samples": num_samples},
                           "eval": {"dataset": "demo-heldout"},
                           "stages": [{**s, "ignore": ["lm_head"]} if s["method"] != "smoothquant" else s
@@ -139,30 +160,60 @@ def smoothquant_part(num_samples: int) -> None:
                 rows.append({"model": model_label, "scheme": label, "ppl_fp32": m["baseline_ppl"], "ppl": m["ppl"],
                              "kl": m["kl"], "top1": m["top1"]})
                 print(json.dumps(rows[-1]), flush=True)
-    plain = {r["model"]: r["kl"] for r in rows if r["scheme"] == "W8A8-int8 GPTQ"}
+    return rows
+
+
+def ratio_table(rows: list[dict], reference: str, ratio_name: str) -> list[str]:
+    """Markdown rows with each row's KL over the ``reference`` scheme's KL on the same model."""
+    plain = {r["model"]: r["kl"] for r in rows if r["scheme"] == reference}
+    lines = [f"| model | scheme | ppl (fp32) | KL | {ratio_name} | top-1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['ppl']:.3f} ({r['ppl_fp32']:.3f}) | {r['kl']:.5f} | "
+                     f"{r['kl'] / plain[r['model']]:.2f} | {r['top1'] * 100:.1f}% |")
+    return lines
+
+
+def smoothquant_part(num_samples: int) -> None:
+    rows = quality_rows(SMOOTH_RUNS, num_samples)
     lines = ["# SmoothQuant before W8A8-int8 (int8 per-channel weights, int8 per-token dynamic activations)", "",
              f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
              "against each model's fp32 self, the same windows for every row). `KL / W8A8`: over the W8A8-int8 "
              "GPTQ row of the same model. The synthetic-outlier copy computes what the demo model computes, "
              f"with channels {list(OUTLIER_CHANNELS)} of every norm x{OUTLIER_FACTOR:g} (readers' columns "
              "divided): see benchmarks/activations.py.", "",
-             "| model | scheme | ppl (fp32) | KL | KL / W8A8 | top-1 |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['scheme']} | {r['ppl']:.3f} ({r['ppl_fp32']:.3f}) | {r['kl']:.5f} | "
-                     f"{r['kl'] / plain[r['model']]:.2f} | {r['top1'] * 100:.1f}% |")
+             *ratio_table(rows, "W8A8-int8 GPTQ", "KL / W8A8")]
     write_results("activations_smoothquant", {"rows": rows, "num_samples": num_samples,
                                               "outlier_channels": list(OUTLIER_CHANNELS),
                                               "outlier_factor": OUTLIER_FACTOR}, "\n".join(lines))
 
 
+def fp8_part(num_samples: int) -> None:
+    rows = quality_rows(FP8_RUNS, num_samples)
+    lines = ["# FP8 (e4m3) beside int8: weight-only and W8A8, dynamic and static inputs", "",
+             f"Calibration demo-calib, {num_samples} samples of 256 tokens (read by GPTQ and by the static input "
+             "scales; RTN weight-only reads none); eval demo-heldout (KL, ppl and top-1 against each model's fp32 "
+             "self, the same windows for every row). `KL / int8`: over the W8A8-int8 RTN row of the same model "
+             "(the same round-to-nearest weights, int8 codes instead of e4m3). All weights per output channel, "
+             "symmetric, min/max scales. FP8 runs here as fake quantization (e4m3 codes dequantized, fp32 matmul: "
+             "the reader's arithmetic on a CPU), so this table is about quality, not speed. The synthetic-outlier "
+             f"copy: channels {list(OUTLIER_CHANNELS)} of every norm x{OUTLIER_FACTOR:g}, readers' columns divided "
+             "(same function as demo).", "",
+             *ratio_table(rows, "W8A8-int8 RTN", "KL / int8")]
+    write_results("activations_fp8", {"rows": rows, "num_samples": num_samples,
+                                      "outlier_channels": list(OUTLIER_CHANNELS),
+                                      "outlier_factor": OUTLIER_FACTOR}, "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--part", choices=["all", "quality", "smoothquant"], default="all")
+    parser.add_argument("--part", choices=["all", "quality", "smoothquant", "fp8"], default="all")
     args = parser.parse_args()
     if args.part in ("all", "smoothquant"):
         smoothquant_part(args.num_samples)
-    if args.part == "smoothquant":
+    if args.part in ("all", "fp8"):
+        fp8_part(args.num_samples)
+    if args.part in ("smoothquant", "fp8"):
         return
     from compress.models.load import DEMO_MODEL_DIR
 
