@@ -9,6 +9,7 @@ import typer
 
 from compress.cli._params import Command, Group
 from compress.cli.bench_cmd import bench
+from compress.cli.compare_cmd import compare
 from compress.cli.convert_cmd import convert
 from compress.cli.evaluate import evaluate
 from compress.cli.export_cmd import export
@@ -31,7 +32,7 @@ app = typer.Typer(
 )
 for _name, _command in (("quantize", quantize), ("prune", prune), ("eval", evaluate), ("run", run),
                         ("inspect", inspect), ("bench", bench), ("convert", convert), ("export", export),
-                        ("verify", verify)):
+                        ("verify", verify), ("compare", compare)):
     app.command(_name, cls=Command)(_command)
 app.add_typer(recipes_app, name="recipes")
 
