@@ -43,3 +43,7 @@ def inspect(
     out.print(layers)
     if report["dense"]:
         out.print(f"dense tensors: {len(report['dense'])} ({human_bytes(report['bytes_by_component'].get('dense', 0))})")
+    kv = report.get("kv_cache")
+    if kv:
+        per = "one scale per layer" if kv["strategy"] == "tensor" else "one scale per KV head"
+        out.print(f"KV cache: FP8 e4m3 static, {per} for keys and values, in {kv['layers']} attention modules")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from compress.cli._kv_cache import kv_cache_overrides
 from compress.cli._lowrank import lowrank_arguments
 from compress.cli._params import shown
 from compress.cli._rotate import rotation_overrides
@@ -82,6 +83,9 @@ def quantize(
                                            help="SmoothQuant first: migrate activation outliers into the weights "
                                            "with strength ALPHA in [0, 1] (0.5 typical) or auto (searched per "
                                            "group); exact before quantization; needs --scheme w8a8-int8."),
+    kv_cache: str | None = typer.Option(None, "--kv-cache", help=shown(
+        "Quantize the KV cache too: fp8 (e4m3, one calibrated scale per layer for keys and one for values) or "
+        "fp8-head (per KV head); written as compressed-tensors kv_cache_scheme.", "none")),
     rotate: str | None = typer.Option(None, "--rotate", help=shown("Rotate the model first (QuaRot-style, offline, "
                                                                    "exact before quantization): hadamard.", "none")),
     export_format: str | None = typer.Option(None, "--format", help=shown("Checkpoint layout: compressed-tensors "
@@ -118,6 +122,7 @@ def quantize(
     base = recipe or (scheme if activations is not None else _preset_for(method))
     overrides = rotation_overrides(base, rotate, method)
     overrides = smoothquant_overrides(base, flags, smoothquant, overrides, method)
+    overrides = kv_cache_overrides(base, kv_cache, overrides, method, export_format)
     flags, overrides = lowrank_arguments(base, flags, lowrank_compensate, overrides)
     execute_recipe(base, flags, overrides=overrides, overwrite=overwrite, dry_run=dry_run, as_json=as_json,
                    resume=resume)

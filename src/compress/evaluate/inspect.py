@@ -15,6 +15,9 @@ from compress.evaluate.size import (
     weights_bytes_by_component,
 )
 from compress.export.load import read_json, weight_files
+from compress.kernels.kv_cache import SCALE_NAMES as KV_SCALE_NAMES
+from compress.kernels.kv_cache import attention_modules, read_kv_cache_scheme
+from compress.kernels.kv_cache import scale_shape as kv_scale_shape
 
 
 def inspect_checkpoint(folder: Path) -> dict[str, Any]:
@@ -46,7 +49,9 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
             else order is not None and f"{stored.name}.{order}" in meta,
             "bits_per_weight": stored.codec.stored_bits(stored.name, meta) / max(out_features * in_features, 1),
         })
-    _check_architecture(folder, meta, codecs)
+    kv_block = quant.get("kv_cache_scheme") if isinstance(quant, dict) else None
+    kv_strategy = None if kv_block is None else read_kv_cache_scheme(kv_block)
+    kv_layers = _check_architecture(folder, meta, codecs, kv_strategy)
     options = next((stored.options for stored in plan if stored.options), {})
     if "checkpoint_format" in options:  # a model-level layout (GPTQ) names its own variant
         fmt = str(options["checkpoint_format"])
@@ -56,6 +61,8 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
     report = _report(folder, config, fmt, layers, meta, set(codecs), by_component)
     if sparse:
         report["sparse"] = sparse
+    if kv_strategy is not None:
+        report["kv_cache"] = {"type": "fp8-e4m3", "strategy": kv_strategy, "layers": kv_layers}
     return report
 
 
@@ -96,8 +103,11 @@ def _shape_values(folder: Path, plan) -> dict[str, list[int]]:
     return values
 
 
-def _check_architecture(folder: Path, meta: dict[str, tuple[str, list[int]]], codecs: dict[str, Codec]) -> None:
-    """Every tensor the architecture needs is present with its shape (built on the meta device: no memory)."""
+def _check_architecture(folder: Path, meta: dict[str, tuple[str, list[int]]], codecs: dict[str, Codec],
+                        kv_strategy: str | None = None) -> int:
+    """Every tensor the architecture needs is present with its shape (built on the meta device: no memory);
+    with a ``kv_cache_scheme``, every attention's ``k_scale`` / ``v_scale`` too. Returns how many attention
+    modules have KV-cache scales."""
     import torch
     from transformers import AutoConfig
 
@@ -133,7 +143,19 @@ def _check_architecture(folder: Path, meta: dict[str, tuple[str, list[int]]], co
         if meta[name][1] not in (want, want[::-1] if prefix in conv1d else want):
             raise CompressError(f"tensor {name} has shape {meta[name][1]}, but the config implies {want}")
     known = set(model.state_dict())
+    attentions = attention_modules(model) if kv_strategy is not None else {}
+    for prefix, module in attentions.items():
+        want = list(kv_scale_shape(module, kv_strategy))
+        for leaf in KV_SCALE_NAMES:
+            name = f"{prefix}.{leaf}"
+            if name not in meta:
+                raise CompressError(f"checkpoint {folder} has a kv_cache_scheme but lacks tensor {name}")
+            if meta[name][1] != want:
+                raise CompressError(f"tensor {name} has shape {meta[name][1]}, but kv_cache_scheme strategy "
+                                    f"{kv_strategy} implies {want}")
+            known.add(name)
     for name in meta:
         prefix, _, leaf = name.rpartition(".")
         if name not in known and not (prefix in codecs and leaf in codecs[prefix].leaves):
             raise CompressError(f"tensor {name} does not belong to this architecture")
+    return len(attentions)

@@ -25,6 +25,7 @@ from compress.codecs.sparse_bitmask import SPARSE_BITMASK
 from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
 from compress.export.adapter import is_lowrank_key, lowrank_modules
+from compress.kernels.kv_cache import kv_cache_scheme, kv_cache_strategy, kv_cache_tensors
 from compress.kernels.quant_linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -94,6 +95,7 @@ def checkpoint_tensors(model: nn.Module, sparse_format: str = "dense",
                 tensors[f"{module_name}.{suffix}"] = part
             continue
         tensors[name] = tensor.detach().to("cpu").contiguous()
+    tensors.update(kv_cache_tensors(model))  # non-persistent buffers: not in the state dict
     return tensors
 
 
@@ -174,11 +176,13 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str], spars
     quantized = quantized_modules(model)
     records = records or {}
     sparsity = sparsity_config(model, records) if sparse_format == "bitmask" else {}
+    kv_strategy = kv_cache_strategy(model)
+    kv_scheme = None if kv_strategy is None else kv_cache_scheme(kv_strategy)
     if not quantized:
-        if not sparsity:
+        if not sparsity and kv_scheme is None:
             return None
         return {"quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
-                "config_groups": {}, "ignore": sorted(all_linear_names), "kv_cache_scheme": None,
+                "config_groups": {}, "ignore": sorted(all_linear_names), "kv_cache_scheme": kv_scheme,
                 "sparsity_config": sparsity, "global_compression_ratio": None}
     by_scheme: dict[tuple[str, QuantScheme], list[str]] = {}
     for name, module in quantized.items():
@@ -200,7 +204,7 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str], spars
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": kv_scheme,
         "sparsity_config": sparsity,
         "global_compression_ratio": None,
     }

@@ -87,6 +87,9 @@ def convert_checkpoint(source: Path, out_dir: Path, to: str, *,
     all_linears, in_blocks = _linear_names(config_data, source)
 
     if to == "gptq":
+        if isinstance(quant, dict) and quant.get("kv_cache_scheme") is not None:
+            raise CompressError(f"{source} quantizes its KV cache (kv_cache_scheme), which the GPTQ layout has no "
+                                "place for; keep it in the compressed-tensors layout")
         schemes = {}
         for layer in layer_plan(tensors, quant, source=str(source)):
             file = origin.get(f"{layer.name}.{layer.codec.marker}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,6 +24,8 @@ from compress.core.errors import CompressError
 from compress.core.records import LayerRecord, LayerRecords
 from compress.core.targets import matches_any
 from compress.export.adapter import apply_adapter
+from compress.kernels.kv_cache import SCALE_NAMES as KV_SCALE_NAMES
+from compress.kernels.kv_cache import attention_modules, install_kv_quantizer, read_kv_cache_scheme
 from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear
@@ -163,6 +166,7 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
         if key in tensors:
             tensors[key] = tensors[key].t().contiguous()
 
+    _install_kv_cache(model, quant_config, tensors, origin, folder)
     _load_state(model, tensors, origin, folder)
     apply_adapter(model, folder)  # low-rank compensation factors (lowrank/), when the export has them
     target_device = _resolve_device(device)
@@ -235,6 +239,34 @@ def _check_rebuilt(name: str, module: nn.Module, original: nn.Linear, file: str)
 def _check_quant_config(quant_config) -> None:
     """Kept for callers that validate a config without reading tensors (``convert``)."""
     check_quant_config(quant_config)
+
+
+def _install_kv_cache(model: nn.Module, quant_config: Any, tensors: dict[str, torch.Tensor], origin: dict[str, str],
+                      folder: Path) -> None:
+    """A ``kv_cache_scheme`` (FP8 static scales) becomes each attention's KV-cache quantizer, its
+    ``k_scale`` / ``v_scale`` taken out of ``tensors`` (``kernels/kv_cache.py``)."""
+    block = quant_config.get("kv_cache_scheme") if isinstance(quant_config, dict) else None
+    if block is None:
+        stray = next((k for k in tensors if k.rpartition(".")[2] in KV_SCALE_NAMES), None)
+        if stray is not None:
+            raise CompressError(f"tensor {stray} in {origin.get(stray, '?')} is a KV-cache scale, but config.json "
+                                "has no kv_cache_scheme saying how to use it")
+        return
+    strategy = read_kv_cache_scheme(block)
+    attentions = attention_modules(model)
+    if not attentions:
+        raise CompressError(f"config.json in {folder} has a kv_cache_scheme, but this architecture has no attention "
+                            "module with a KV cache to quantize")
+    for name, module in attentions.items():
+        keys = [f"{name}.{leaf}" for leaf in KV_SCALE_NAMES]
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise CompressError(f"checkpoint {folder} has a kv_cache_scheme but lacks tensor {missing[0]}")
+        k_scale, v_scale = (tensors.pop(key) for key in keys)
+        try:
+            install_kv_quantizer(module, strategy, k_scale, v_scale)
+        except CompressError as error:
+            raise CompressError(f"{name}: {error} (in {origin.get(keys[0], '?')})") from None
 
 
 def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, str], folder: Path) -> None:

@@ -14,6 +14,9 @@ and swaps in whatever modules it returns. Three scopes, because methods differ i
 ``ModelPass`` changes the model's shape (structured pruning); the pipeline drives it through the same
 sweep, with the family layouts of ``compress.models.structure`` naming the layers it slices.
 
+A ``cache`` pass (``kv_cache``) touches no linear: it calibrates how each attention quantizes its KV cache,
+driven by ``compress.pipeline.kv_cache_step``, as a recipe's last stage.
+
 ``TransformPass`` changes the model's basis without changing its function (QuaRot-style rotations of the
 residual stream): data-free, over every block and the embedding and head, before the layer-wise stages
 quantize what it rotated; ``compress.models.rotation`` names the modules it is handed.
@@ -38,7 +41,7 @@ from compress.kernels.quant_linear import QuantLinear
 if TYPE_CHECKING:
     from compress.passes.groups import Group
 
-Scope = Literal["layer", "group", "block", "model", "transform"]
+Scope = Literal["layer", "group", "block", "model", "transform", "cache"]
 
 
 class PassConfig(BaseModel):

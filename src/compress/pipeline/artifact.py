@@ -145,6 +145,9 @@ def check_export(recipe: Recipe, model: torch.nn.Module, plan, in_blocks: list[s
     linears = find_linears(model)
     schemes = {}
     for layer_pass, names in plan:
+        if layer_pass.scope == "cache":
+            raise CompressError("the GPTQ layout has no place for KV-cache scales; use --format compressed-tensors "
+                                "(its kv_cache_scheme) with --kv-cache")
         scheme_for = getattr(layer_pass.config, "scheme_for", None)
         if scheme_for is None:
             raise CompressError(f"method {layer_pass.config.method} does not quantize, so it has no GPTQ layout")

@@ -25,6 +25,8 @@ from compress.models.producers import linear_producers
 from compress.passes import PASSES
 from compress.passes.base import Pass, TransformPass
 from compress.passes.prune.structured import StructuredPrune
+from compress.passes.quantize.kv_cache import KVCachePass
+from compress.pipeline.kv_cache_step import KVCacheStep
 from compress.pipeline.phases import phase_checkpoint, run_phase, split_phases
 from compress.pipeline.rotation import RotateStep, check_rotation
 from compress.pipeline.sequential import Step
@@ -77,7 +79,7 @@ def check_layers(model: nn.Module, plan: Sequence[tuple[Pass, list[str]]]) -> No
     """Every targeted layer accepts its pass, in an order that can work; fails before any work is done."""
     check_stage_order(plan)
     for layer_pass, names in plan:
-        if layer_pass.changes_shapes:
+        if layer_pass.changes_shapes or layer_pass.scope == "cache":  # no linear of its own
             continue
         if not names:
             raise CompressError(f"method {layer_pass.config.method} matched no linear layer (check --ignore)")
@@ -87,7 +89,8 @@ def check_layers(model: nn.Module, plan: Sequence[tuple[Pass, list[str]]]) -> No
 
 def layer_plan(model: nn.Module, passes: Sequence[Pass]) -> list[tuple[Pass, list[str]]]:
     """Each pass with the layers it targets on ``model`` (none for a shape-changing pass)."""
-    return [(p, [] if p.changes_shapes else select_layers(model, ignore=p.config.ignore)) for p in passes]
+    return [(p, [] if p.changes_shapes or p.scope == "cache" else select_layers(model, ignore=p.config.ignore))
+            for p in passes]
 
 
 def _steps(model: nn.Module, block_path: str, passes: Sequence[Pass], records: Records) -> list[Step]:
@@ -97,7 +100,8 @@ def _steps(model: nn.Module, block_path: str, passes: Sequence[Pass], records: R
     plan = layer_plan(model, passes)
     check_layers(model, plan)  # on the model as the sweeps before left it (a structured stage changes widths)
     records.stages.extend(plan)
-    return [RotateStep(p, block_path) if isinstance(p, TransformPass) else PassStep(p, names, block_path)
+    return [RotateStep(p, block_path) if isinstance(p, TransformPass)
+            else KVCacheStep(p) if isinstance(p, KVCachePass) else PassStep(p, names, block_path)
             for p, names in plan]
 
 

@@ -7,7 +7,8 @@ stage that left the same layer packed. A shape-changing stage (structured prunin
 rewrites the config, and the stages after it are planned on the smaller model, so it comes before every
 layer-wise stage. A transform (``rotate``) rewrites every linear of the model in a new basis, so it comes
 before every stage that quantizes or prunes (after them it would quantize nothing and destroy their zeros);
-a structured stage may precede it. The sensible compositions stay open: structured then prune then quantize,
+a structured stage may precede it. A KV-cache stage calibrates on what every stage before it made, so it
+comes last. The sensible compositions stay open: structured then prune then quantize,
 rotate then awq then gptq, and several quantizers on disjoint layers (``ignore`` patterns splitting the model,
 i.e. hand-made mixed precision).
 """
@@ -27,8 +28,16 @@ def check_stage_order(plan: Sequence[tuple[Pass, Sequence[str]]], producers: Map
     first_layerwise: int | None = None
     first_compressing: int | None = None
     quantized_by: dict[str, int] = {}
+    cache_stage: int | None = None
     for index, (layer_pass, names) in enumerate(plan):
         method = layer_pass.config.method
+        if cache_stage is not None:
+            raise CompressError(f"stage {cache_stage} ({plan[cache_stage][0].config.method}) calibrates the KV cache "
+                                f"on the model every stage before it made, so it must be the last stage, but stage "
+                                f"{index} ({method}) follows it; put it last")
+        if layer_pass.scope == "cache":
+            cache_stage = index
+            continue
         if layer_pass.scope == "transform":
             if first_compressing is not None:
                 before = plan[first_compressing][0].config.method
@@ -76,7 +85,7 @@ def check_recipe_order(recipe, config, *, trust_remote_code: bool = False) -> No
     plan: list[tuple[Pass, Sequence[str]]] = []
     for layer_pass in passes:
         names: Sequence[str] = ()
-        if not layer_pass.changes_shapes:
+        if not layer_pass.changes_shapes and layer_pass.scope != "cache":
             layers = plan_layers(config, ignore=layer_pass.config.ignore, trust_remote_code=trust_remote_code)
             names = [name for name, _, _ in layers]
         plan.append((layer_pass, names))
