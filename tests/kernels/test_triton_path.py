@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,31 +32,14 @@ from compress.core.scheme import QuantScheme  # noqa: E402
 from compress.kernels.quant_linear import QuantLinear  # noqa: E402
 from compress.kernels.reference import dequant_matmul_reference  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _triton_interp import import_interpreted, rerun_interpreted  # noqa: E402
+
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, -1)
 
 
-def _import_interpreted() -> bool:
-    """Import triton and ``triton_gemm`` for the interpreter if still possible; True when they are."""
-    asked = os.environ.get("TRITON_INTERPRET") == "1"
-    if not asked and ("triton" in sys.modules or torch.cuda.is_available()):
-        return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        from compress.kernels import triton_gemm
-
-        if not triton_gemm.INTERPRETED:
-            importlib.reload(triton_gemm)
-        return isinstance(tl.cdiv, InterpretedFunction) and triton_gemm.INTERPRETED
-    finally:
-        if not asked:
-            del os.environ["TRITON_INTERPRET"]
-
-
-INTERPRETED = _import_interpreted()
+INTERPRETED = import_interpreted("compress.kernels.triton_gemm")
 in_process = pytest.mark.skipif(not INTERPRETED, reason="triton was imported compiled; runs in a subprocess")
 
 
@@ -70,13 +51,7 @@ def interpret_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(INTERPRETED, reason="this process interprets triton; the tests below ran here")
 def test_in_a_fresh_interpreter() -> None:
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_interpreted(__file__)
 
 
 def _packed(

@@ -132,7 +132,8 @@ def _import_paths() -> None:
     """Register the optional paths (each module registers itself; a missing optional dependency skips it)."""
     import importlib
 
-    for module in ("compress.kernels.cpu", "compress.kernels.int8_act", "compress.kernels.triton_path"):
+    for module in ("compress.kernels.cpu", "compress.kernels.int8_act", "compress.kernels.triton_path",
+                   "compress.kernels.triton_w8a8"):
         try:
             importlib.import_module(module)
         except ImportError:

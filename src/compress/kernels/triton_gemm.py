@@ -33,7 +33,7 @@ Verification status: everything here has run ONLY under ``TRITON_INTERPRET=1`` o
 non-multiple shapes, fp32/bf16/fp16 activations, GEMV vs GEMM). Not verified: compilation for real GPUs
 (layouts, register pressure of the autotune configs), the autotuned timings, the bandwidth claims above.
 
-Triton is imported only here and in ``triton_path.py`` (DESIGN layer rule).
+Triton is imported only by the ``kernels/triton_*.py`` modules (DESIGN layer rule).
 """
 
 from __future__ import annotations
