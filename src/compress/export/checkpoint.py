@@ -22,10 +22,12 @@ from torch import nn
 
 from compress.codecs import CODECS
 from compress.codecs.sparse_bitmask import SPARSE_BITMASK
+from compress.core.errors import CompressError
 from compress.core.records import LayerRecord
 from compress.core.scheme import QuantScheme
 from compress.export.adapter import is_lowrank_key, lowrank_modules
 from compress.kernels.kv_cache import kv_cache_scheme, kv_cache_strategy, kv_cache_tensors
+from compress.kernels.llm_int8 import CONFIG_KEY as LLM_INT8_KEY
 from compress.kernels.quant_linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -198,7 +200,9 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str], spars
                                       observer=(first and first.observer) or "minmax",
                                       has_g_idx=any(getattr(quantized[n], "weight_g_idx", None) is not None for n in names))
         groups[f"group_{index}"] = {"targets": targets, **body, **({"format": fmt} if mixed else {})}
+    runtime = llm_int8_config(quantized)
     return {
+        **({LLM_INT8_KEY: runtime} if runtime else {}),
         "quant_method": "compressed-tensors",
         "format": MIXED_FORMAT if mixed else formats[0],
         "quantization_status": "compressed",
@@ -208,6 +212,18 @@ def quantization_config(model: nn.Module, all_linear_names: Iterable[str], spars
         "sparsity_config": sparsity,
         "global_compression_ratio": None,
     }
+
+
+def llm_int8_config(quantized: Mapping[str, QuantLinear]) -> dict | None:
+    """``{"threshold": T, "targets": [names]}`` for the layers that run LLM.int8()'s outlier decomposition
+    (``kernels/llm_int8.py``; compressed-tensors ignores the key), None when none does."""
+    thresholds = {name: m.outlier_threshold for name, m in quantized.items() if m.outlier_threshold is not None}
+    if not thresholds:
+        return None
+    if len(set(thresholds.values())) > 1:
+        raise CompressError("these layers use different LLM.int8() thresholds, which one checkpoint key cannot "
+                            "express; use one threshold")
+    return {"threshold": next(iter(thresholds.values())), "targets": sorted(thresholds)}
 
 
 def sparsity_config(model: nn.Module, records: Records | None = None) -> dict:

@@ -26,6 +26,8 @@ from compress.core.targets import matches_any
 from compress.export.adapter import apply_adapter
 from compress.kernels.kv_cache import SCALE_NAMES as KV_SCALE_NAMES
 from compress.kernels.kv_cache import attention_modules, install_kv_quantizer, read_kv_cache_scheme
+from compress.kernels.llm_int8 import CONFIG_KEY as LLM_INT8_KEY
+from compress.kernels.llm_int8 import DEFAULT_THRESHOLD, check_threshold, is_llm_int8_scheme
 from compress.kernels.paths import apply_kernel, requested_kernel
 from compress.kernels.quant_linear import QuantLinear
 from compress.models.blocks import convert_conv1d_to_linear
@@ -168,6 +170,7 @@ def load(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: to
 
     _install_kv_cache(model, quant_config, tensors, origin, folder)
     _load_state(model, tensors, origin, folder)
+    _apply_llm_int8(model, quant_config, folder)
     apply_adapter(model, folder)  # low-rank compensation factors (lowrank/), when the export has them
     target_device = _resolve_device(device)
     if dtype is not None:
@@ -267,6 +270,33 @@ def _install_kv_cache(model: nn.Module, quant_config: Any, tensors: dict[str, to
             install_kv_quantizer(module, strategy, k_scale, v_scale)
         except CompressError as error:
             raise CompressError(f"{name}: {error} (in {origin.get(keys[0], '?')})") from None
+
+
+def _apply_llm_int8(model: nn.Module, quant_config: Any, folder: Path) -> None:
+    """``quantization_config.llm_int8``: its target layers run LLM.int8()'s outlier decomposition; they must
+    be int8 symmetric per-channel weight-only layers (the weights LLM.int8 multiplies)."""
+    block = quant_config.get(LLM_INT8_KEY) if isinstance(quant_config, dict) else None
+    if block is None:
+        return
+    targets = block.get("targets") if isinstance(block, dict) else None
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise CompressError(f"quantization_config.{LLM_INT8_KEY} in {folder} must name its target layers in a "
+                            "non-empty list")
+    try:
+        threshold = check_threshold(block.get("threshold", DEFAULT_THRESHOLD))
+    except (TypeError, ValueError):
+        raise CompressError(f"quantization_config.{LLM_INT8_KEY}.threshold in {folder} is not a number") from None
+    for name in targets:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise CompressError(f"quantization_config.{LLM_INT8_KEY} names layer {name}, which the architecture "
+                                "does not have") from None
+        if not isinstance(layer, QuantLinear) or not is_llm_int8_scheme(layer.scheme):
+            what = layer.scheme.tag if isinstance(layer, QuantLinear) else "dense"
+            raise CompressError(f"quantization_config.{LLM_INT8_KEY} targets {name}, which is {what}; LLM.int8() "
+                                "runs on int8 symmetric per-channel weight-only layers")
+        layer.outlier_threshold = threshold
 
 
 def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, str], folder: Path) -> None:

@@ -29,6 +29,7 @@ from compress.core.packing import PackedWeight, pack_weight, scale_dtype_for
 from compress.core.scheme import QuantScheme
 from compress.core.storage import WeightStorage
 from compress.kernels.int8_act import fake_quantize_input
+from compress.kernels.llm_int8 import llm_int8_input
 from compress.kernels.ops import dequant_matmul
 from compress.kernels.reference import compute_dtype
 
@@ -80,6 +81,9 @@ class QuantLinear(nn.Module):
         )
         self.lora_A: Tensor | None = None
         self.lora_B: Tensor | None = None
+        self.outlier_threshold: float | None = None
+        """LLM.int8(): with int8 weight-only codes, inputs run through the outlier decomposition
+        (``kernels/llm_int8.py``) before the weight path multiplies them; None: inputs as given."""
 
     @classmethod
     def from_linear(
@@ -240,6 +244,8 @@ class QuantLinear(nn.Module):
         if acts is not None and not getattr(self.kernel, "quantizes_inputs", False):
             # W8A8: every path computes on the quantized input (per token, or with the stored static scale)
             x = fake_quantize_input(x, acts) if acts.dynamic else fake_quantize_input(x, acts, self.input_scale)
+        elif self.outlier_threshold is not None:  # LLM.int8(): outlier columns exact, the rest int8 per token
+            x = llm_int8_input(x, self.outlier_threshold)
         cached = self._dense_cache
         if cached is not None and self.kernel is None and cached.dtype == compute_dtype(x) \
                 and cached.device == x.device:
@@ -254,4 +260,5 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.tag}, "
             f"format={self.format}, bias={self.bias is not None}"
             + ("" if self.lora_A is None else f", lowrank={self.lowrank_rank}")
+            + ("" if self.outlier_threshold is None else f", llm_int8_threshold={self.outlier_threshold:g}")
         )
