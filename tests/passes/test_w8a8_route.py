@@ -25,8 +25,9 @@ def test_config_scheme_and_validation():
     cfg = RTNConfig(**W8A8)
     assert cfg.scheme == QuantScheme.w8a8_int8() and cfg.storage_format == "int-quantized"
     assert RTNConfig(bits=8, group_size=-1).scheme.input_activations is None
-    for bad in (dict(W8A8, bits=4), dict(W8A8, group_size=128), dict(W8A8, symmetric=False)):
-        with pytest.raises(ValidationError, match="8-bit symmetric per-channel"):
+    assert RTNConfig(**dict(W8A8, bits=4)).scheme == QuantScheme.w4a8(-1)  # 4-bit weights: W4A8 (test_w4a8_route)
+    for bad in (dict(W8A8, bits=3), dict(W8A8, group_size=128), dict(W8A8, symmetric=False)):
+        with pytest.raises(ValidationError, match="8-bit per channel"):
             RTNConfig(**bad)
 
 
@@ -64,7 +65,7 @@ def test_preset_is_gptq_w8a8():
     (["--bits", "4"], "8-bit symmetric per-channel"),
     (["--group-size", "128"], "8-bit symmetric per-channel"),
     (["--asym"], "8-bit symmetric per-channel"),
-    (["--scheme", "w4a8"], "unknown --scheme"),
+    (["--scheme", "w4a4"], "unknown --scheme"),
 ])
 def test_cli_refusals_before_loading(flags, needle, tmp_path):
     args = ["quantize", str(tmp_path / "no-such-model")]

@@ -1,4 +1,5 @@
-"""``--lowrank-compensate R``: wrap the recipe's quantizer stages in ``lowrank`` stages (EoRA compensation).
+"""``--lowrank-compensate R`` (alias ``--lorc-rank R``): wrap the recipe's quantizer stages in ``lowrank`` stages
+(EoRA compensation).
 
 The stage flags (``--bits``, ``--method``, ...) address every stage (``stages.*``), and a ``lowrank`` stage
 takes its quantizer's fields inside ``quantizer:``. So the flags are applied and validated first, exactly as
@@ -14,6 +15,20 @@ import json
 from typing import Any
 
 from compress.core.errors import CompressError
+
+
+def compensation_rank(lowrank_compensate: int | None, lorc_rank: int | None) -> int | None:
+    """The one rank of ``--lowrank-compensate`` and ``--lorc-rank`` (ZeroQuant-V2's name, LoRC, for low-rank
+    compensation of the quantization error: the same machinery, so it is an alias, not a second method).
+    Refuses, in one sentence naming the flag, a rank below 1 or the two flags disagreeing."""
+    if lorc_rank is None:
+        return lowrank_compensate
+    if lorc_rank <= 0:
+        raise CompressError(f"--lorc-rank must be a positive rank, got {lorc_rank}")
+    if lowrank_compensate is not None and lowrank_compensate != lorc_rank:
+        raise CompressError(f"--lorc-rank {lorc_rank} and --lowrank-compensate {lowrank_compensate} name the same "
+                            "low-rank compensation with different ranks; give one of them")
+    return lorc_rank
 
 
 def lowrank_arguments(base: str, flags: dict[str, Any], rank: int | None,

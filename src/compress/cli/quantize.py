@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
 from compress.cli._kv_cache import kv_cache_overrides
-from compress.cli._lowrank import lowrank_arguments
+from compress.cli._lowrank import compensation_rank, lowrank_arguments
 from compress.cli._params import shown
 from compress.cli._rotate import rotation_overrides
 from compress.cli._smoothquant import smoothquant_overrides
@@ -68,9 +69,11 @@ def quantize(
     ignore: list[str] | None = typer.Option(None, help=shown("Layer name pattern to leave dense (repeatable).",
                                                              "lm_head")),
     scheme: str | None = typer.Option(None, "--scheme", help="Named weight + activation scheme: w8a8-int8 (int8 "
-                                      "per-channel weights, int8 per-token dynamic inputs, int-quantized), fp8 "
-                                      "(e4m3 per-channel weights, 16-bit inputs, float-quantized) or w8a8-fp8 "
-                                      "(e4m3 weights and e4m3 inputs; see --static)."),
+                                      "per-channel weights, int8 per-token dynamic inputs, int-quantized), w4a8 "
+                                      "(int4 weights in groups of --group-size, 128 by default, int8 per-token "
+                                      "dynamic inputs, pack-quantized), fp8 (e4m3 per-channel weights, 16-bit "
+                                      "inputs, float-quantized) or w8a8-fp8 (e4m3 weights and e4m3 inputs; see "
+                                      "--static)."),
     static: bool | None = typer.Option(None, "--static/--dynamic",
                                        help=shown("w8a8-fp8: one calibrated input scale per layer (--static, reads "
                                                   "the calibration data) or per-token scales at run time.",
@@ -79,6 +82,9 @@ def quantize(
                                                   help="Add rank-RANK factors of each layer's quantization error, "
                                                   "fitted on the calibration inputs (EoRA), as a PEFT adapter in "
                                                   "lowrank/; layer-wise quantizers (rtn, gptq, hqq)."),
+    lorc_rank: int | None = typer.Option(None, "--lorc-rank", metavar="RANK",
+                                         help="ZeroQuant-V2's name (LoRC) for the same thing: --lorc-rank R is "
+                                         "--lowrank-compensate R (fitted activation-weighted, as EoRA)."),
     smoothquant: str | None = typer.Option(None, "--smoothquant", metavar="ALPHA",
                                            help="SmoothQuant first: migrate activation outliers into the weights "
                                            "with strength ALPHA in [0, 1] (0.5 typical) or auto (searched per "
@@ -104,7 +110,8 @@ def quantize(
     """Quantize MODEL's linear layers and write a compressed-tensors (or GPTQ-layout) checkpoint."""
     activations = _scheme_activations(scheme, static, bits, group_size, sym, export_format)
     if activations is not None:
-        bits, group_size = 8, -1
+        bits, group_size = NAMED_SCHEMES[scheme].weights(group_size)  # type: ignore[index]
+    rank = compensation_rank(lowrank_compensate, lorc_rank)
     flags = {
         "stages.*.method": method, "stages.*.bits": bits, "stages.*.group_size": group_size,
         "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "stages.*.act_order": act_order,
@@ -123,7 +130,7 @@ def quantize(
     overrides = rotation_overrides(base, rotate, method)
     overrides = smoothquant_overrides(base, flags, smoothquant, overrides, method)
     overrides = kv_cache_overrides(base, kv_cache, overrides, method, export_format)
-    flags, overrides = lowrank_arguments(base, flags, lowrank_compensate, overrides)
+    flags, overrides = lowrank_arguments(base, flags, rank, overrides)
     execute_recipe(base, flags, overrides=overrides, overwrite=overwrite, dry_run=dry_run, as_json=as_json,
                    resume=resume)
 
@@ -137,9 +144,36 @@ def _preset_for(method: str | None) -> str:
     return name if method and name in preset_names() else "w4a16-gptq"
 
 
-SCHEME_ACTIVATIONS = {"w8a8-int8": "int8-dynamic", "fp8": "none", "w8a8-fp8": "fp8-dynamic"}
-"""``--scheme`` names (each also a built-in recipe) → the quantize stage's ``activations`` field; the weights
-are 8-bit per channel (int8 for w8a8-int8, e4m3 for the FP8 two)."""
+@dataclass(frozen=True)
+class NamedScheme:
+    """What ``--scheme NAME`` (also a built-in recipe) fixes in the quantize stage: ``activations``, and symmetric
+    weights of ``bits`` in groups of ``group_size``, which ``--group-size`` may change only when ``grouped``."""
+
+    activations: str
+    bits: int = 8
+    group_size: int = -1
+    grouped: bool = False
+
+    def weights(self, group_size: int | None) -> tuple[int, int]:
+        """The stage's ``(bits, group_size)``: the scheme's, with a given ``--group-size`` where it is free."""
+        return self.bits, group_size if self.grouped and group_size is not None else self.group_size
+
+    def conflict(self, bits: int | None, group_size: int | None, sym: bool | None) -> bool:
+        """Whether ``--bits`` / ``--group-size`` / ``--asym`` ask for weights this scheme does not have."""
+        fixed_group = not self.grouped and group_size not in (None, self.group_size)
+        return bits not in (None, self.bits) or fixed_group or sym is False
+
+    def refusal(self, name: str) -> str:
+        if self.grouped:
+            return (f"--scheme {name} has {self.bits}-bit symmetric weights (in groups of --group-size, "
+                    f"{self.group_size} by default); drop --bits and --asym or set them to {self.bits} and --sym")
+        return (f"--scheme {name} has {self.bits}-bit symmetric per-channel weights; drop --bits, --group-size and "
+                f"--asym or set them to {self.bits}, {self.group_size} and --sym")
+
+
+NAMED_SCHEMES = {"w8a8-int8": NamedScheme("int8-dynamic"), "w4a8": NamedScheme("int8-dynamic", 4, 128, grouped=True),
+                 "fp8": NamedScheme("none"), "w8a8-fp8": NamedScheme("fp8-dynamic")}
+"""``--scheme`` names: int8 / e4m3 per-channel weights for w8a8-int8 and the FP8 two, int4 grouped for w4a8."""
 
 
 def _scheme_activations(scheme: str | None, static: bool | None, bits: int | None, group_size: int | None,
@@ -151,16 +185,16 @@ def _scheme_activations(scheme: str | None, static: bool | None, bits: int | Non
         if static is not None:
             raise CompressError("--static/--dynamic choose how W8A8-FP8 scales its inputs; add --scheme w8a8-fp8")
         return None
-    if scheme not in SCHEME_ACTIVATIONS:
-        raise CompressError(f"unknown --scheme {scheme!r}; use {', '.join(SCHEME_ACTIVATIONS)}")
+    if scheme not in NAMED_SCHEMES:
+        raise CompressError(f"unknown --scheme {scheme!r}; use {', '.join(NAMED_SCHEMES)}")
+    named = NAMED_SCHEMES[scheme]
     if static is not None and scheme != "w8a8-fp8":
         raise CompressError(f"--static/--dynamic apply to --scheme w8a8-fp8 only; {scheme} "
-                            + ("quantizes its inputs per token at run time" if scheme == "w8a8-int8"
+                            + ("quantizes its inputs per token at run time" if named.activations == "int8-dynamic"
                                else "leaves its inputs unquantized"))
     if export_format == "gptq":
         raise CompressError(f"--scheme {scheme} is not an integer weight-only scheme, which is all the GPTQ layout "
                             "can express; use --format compressed-tensors")
-    if bits not in (None, 8) or group_size not in (None, -1) or sym is False:
-        raise CompressError(f"--scheme {scheme} has 8-bit symmetric per-channel weights; drop --bits, "
-                            "--group-size and --asym or set them to 8, -1 and --sym")
-    return "fp8-static" if scheme == "w8a8-fp8" and static else SCHEME_ACTIVATIONS[scheme]
+    if named.conflict(bits, group_size, sym):
+        raise CompressError(named.refusal(scheme))
+    return "fp8-static" if scheme == "w8a8-fp8" and static else named.activations

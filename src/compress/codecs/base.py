@@ -39,10 +39,12 @@ HeaderMeta = Mapping[str, tuple[str, list[int]]]
 """``{tensor name: (safetensors dtype, shape)}`` as read from headers alone."""
 
 NO_ACTIVATIONS = ("no kernel here quantizes input activations other than W8A8-int8 (int8 per-channel weights, "
-                  "int8 per-token dynamic inputs, int-quantized) and W8A8-FP8 (e4m3 weights, e4m3 inputs per token "
-                  "dynamic or per tensor static, float-quantized), and running them unquantized would compute "
-                  "something other than what was calibrated")
-"""Why a layout refuses a scheme with ``input_activations`` it cannot run (all but W8A8-int8 and W8A8-FP8)."""
+                  "int8 per-token dynamic inputs, int-quantized), W4A8 (int4 weights, int8 per-token dynamic inputs, "
+                  "pack-quantized) and W8A8-FP8 (e4m3 weights, e4m3 inputs per token dynamic or per tensor static, "
+                  "float-quantized), and running them unquantized would compute something other than what was "
+                  "calibrated")
+"""Why a layout refuses a scheme with ``input_activations`` it cannot run (all but W8A8-int8, W4A8 and
+W8A8-FP8)."""
 
 
 class Codec(ABC):

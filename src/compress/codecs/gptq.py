@@ -200,6 +200,8 @@ class GptqCodec(StorageCodec):
         return tensors[f"{prefix}.scales"].t()  # stored [groups, out]
 
     def unsupported(self, scheme: QuantScheme | None) -> str | None:
+        if scheme is not None and scheme.input_activations is not None:  # pack-quantized holds W4A8, GPTQ cannot
+            return "it is weight-only (quantize_config.json has no field for input activations)"
         return "it needs a quantization scheme" if scheme is None else unpackable(scheme)
 
     def read_config(self, quant_config: Mapping[str, Any]) -> tuple[QuantScheme, dict[str, Any]]:

@@ -1,5 +1,9 @@
 """``pack-quantized``: integer codes bit-packed into int32 words (compressed-tensors' W4A16 layout, 2/3/4/8 bit).
 
+It also holds W4A8 (compressed-tensors' ``W4A8`` preset writes ``pack-quantized``): the layer's tensors are those
+of W4A16, and only its config group's ``input_activations`` (int8 per token, dynamic) says that ``QuantLinear``
+quantizes the input when it runs; no scale is stored for it. Other input quantization is refused (``unpackable``).
+
 The layout itself (bit order, zero-point packing, shapes) is ``core/packing.py``; this module states how the
 rest of the toolkit finds, describes and rebuilds it. It is what every quantization pass produces.
 """
@@ -40,8 +44,15 @@ class PackQuantizedCodec(StorageCodec):
     def config(self, scheme: QuantScheme | None, *, actorder: str | None = None,
                observer: str | None = "minmax", has_g_idx: bool = False) -> dict[str, Any]:
         """A config group without targets. ``has_g_idx``: the layers carry ``weight_g_idx``, which only the
-        ``actorder: group`` form explains (readers of ``weight`` ordering expect contiguous groups)."""
-        return self.scheme_group(scheme, actorder="group" if has_g_idx else actorder, observer=observer)
+        ``actorder: group`` form explains (readers of ``weight`` ordering expect contiguous groups).
+
+        W4A8 groups name their ``format``: compressed-tensors 0.20 (so transformers 5.24) takes a group's layout
+        from the group alone, and for int weights with input activations infers ``int-quantized`` (one int8 per
+        code, W8A8's), so without it the reader builds ``weight`` tensors the packed codes do not fit."""
+        group = self.scheme_group(scheme, actorder="group" if has_g_idx else actorder, observer=observer)
+        if scheme is not None and scheme.input_activations is not None:
+            group["format"] = self.name
+        return group
 
     def header_shape(self, prefix: str, meta: HeaderMeta, scheme: QuantScheme | None,
                      values: Mapping[str, list[int]]) -> tuple[int, int]:

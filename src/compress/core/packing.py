@@ -100,7 +100,8 @@ def unpack_zero_point(packed: Tensor, bits: int, out_features: int) -> Tensor:
 
 def unpackable(scheme: QuantScheme) -> str | None:
     """Why the pack-quantized layout cannot hold weights of ``scheme`` (None when it can): integer codes of
-    2/3/4/8 bits with one scale per group or per output channel, no activation quantization."""
+    2/3/4/8 bits with one scale per group or per output channel, and inputs either unquantized or int8 per
+    token at run time (W4A8: the input args live in the config group only, no tensor of the layout holds them)."""
     w = scheme.weights
     if w is None:
         return "it stores quantized weights and this scheme has none"
@@ -108,8 +109,9 @@ def unpackable(scheme: QuantScheme) -> str | None:
         return f"it stores integer codes, not {w.type} ones"
     if w.strategy not in ("group", "channel"):
         return f"it stores one scale per group or per output channel, not per {w.strategy}"
-    if scheme.input_activations is not None:
-        return "it is weight-only (input activations are quantized only by the int-quantized layout)"
+    if scheme.input_activations is not None and not scheme.input_activations.is_int8_per_token:
+        return (f"its layers quantize inputs only int8 per token at run time (W4A8), not "
+                f"{scheme.input_activations.tag}")
     return None
 
 

@@ -61,9 +61,15 @@ class QuantArgs:
 
     @classmethod
     def int8_per_token(cls) -> QuantArgs:
-        """Input activations of W8A8-int8: int8 symmetric, one scale per token computed at run time (what
-        compressed-tensors' ``W8A8`` preset writes as ``input_activations``)."""
+        """Input activations of W8A8-int8 and W4A8: int8 symmetric, one scale per token computed at run time
+        (what compressed-tensors' ``W8A8`` and ``W4A8`` presets write as ``input_activations``)."""
         return cls(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True)
+
+    @property
+    def is_int8_per_token(self) -> bool:
+        """Whether these are the input args of W8A8-int8 and W4A8 (``int8_per_token``); observer and actorder
+        take no part, as in equality, so args read back from any producer's config compare alike."""
+        return self == QuantArgs.int8_per_token()
 
     @classmethod
     def fp8_weights(cls, strategy: str = "channel") -> QuantArgs:

@@ -53,6 +53,12 @@ class QuantScheme:
         return cls(weights=QuantArgs.int_weights(8, -1, True), input_activations=QuantArgs.int8_per_token())
 
     @classmethod
+    def w4a8(cls, group_size: int = 128) -> QuantScheme:
+        """W4A8, compressed-tensors' ``W4A8`` preset: int4 symmetric weights in groups of ``group_size`` (128
+        there; -1 per channel), int8 symmetric per-token dynamic input activations; stored ``pack-quantized``."""
+        return cls(weights=QuantArgs.int_weights(4, group_size, True), input_activations=QuantArgs.int8_per_token())
+
+    @classmethod
     def fp8(cls) -> QuantScheme:
         """W8A16-FP8: e4m3 symmetric per-channel weights, float activations (compressed-tensors' FP8 weight-only
         args: ``num_bits 8, type float, strategy channel, symmetric``), stored ``float-quantized``."""
@@ -158,8 +164,9 @@ class QuantScheme:
     @property
     def tag(self) -> str:
         """Short name used in output folder names and reports: ``w4g128``, ``w8`` (per-channel), ``w4g128a``
-        (asymmetric), ``wfp8`` (FP8 per channel), ``w8a8d`` (dynamic 8-bit input activations), ``wfp8afp8d``
-        (W8A8-FP8, per-token dynamic inputs), ``wfp8afp8t`` (W8A8-FP8, one static input scale per tensor)."""
+        (asymmetric), ``wfp8`` (FP8 per channel), ``w8a8d`` (dynamic 8-bit input activations), ``w4g128a8d``
+        (W4A8), ``wfp8afp8d`` (W8A8-FP8, per-token dynamic inputs), ``wfp8afp8t`` (W8A8-FP8, one static input
+        scale per tensor)."""
         parts = []
         if self.weights is not None:
             parts.append(f"w{self.weights.tag}")
@@ -215,6 +222,6 @@ class QuantScheme:
                        observer=observer if observer is not None else w.observer)
 
 
-SCHEMES = {"w8a8-int8": QuantScheme.w8a8_int8, "fp8": QuantScheme.fp8, "w8a8-fp8": QuantScheme.w8a8_fp8,
+SCHEMES = {"w8a8-int8": QuantScheme.w8a8_int8, "w4a8": QuantScheme.w4a8, "fp8": QuantScheme.fp8, "w8a8-fp8": QuantScheme.w8a8_fp8,
            "w8a8-fp8-static": lambda: QuantScheme.w8a8_fp8(static=True)}
 """Named schemes (``compress quantize --scheme NAME``, a quantize stage's ``scheme`` field)."""

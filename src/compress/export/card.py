@@ -110,10 +110,12 @@ def _asymmetric(recipe: dict[str, Any]) -> bool:
 
 
 def _vllm_serves(recipe: dict[str, Any] | None) -> bool:
-    """vLLM's weight-only paths (Marlin / GPTQ-Marlin) serve symmetric 4- and 8-bit weights; other widths
-    and zero points are not claimed."""
+    """vLLM's weight-only paths (Marlin / GPTQ-Marlin) serve symmetric 4- and 8-bit weights; other widths,
+    zero points and quantized inputs (W4A8 is pack-quantized too, served by other vLLM kernels we do not
+    test) are not claimed."""
     stages = [s for s in (recipe or {}).get("stages") or [] if s.get("bits") is not None]
-    return bool(stages) and all(s.get("bits") in (4, 8) and s.get("symmetric", True) for s in stages)
+    return bool(stages) and all(s.get("bits") in (4, 8) and s.get("symmetric", True)
+                                and s.get("activations", "none") == "none" for s in stages)
 
 
 _VLLM = ["", "vLLM serves symmetric 4- and 8-bit weights like these:", "", "```", "vllm serve path/to/this/folder",

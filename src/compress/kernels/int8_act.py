@@ -42,8 +42,7 @@ INT8_FORMATS = ("int-quantized", "naive-quantized")
 
 
 def is_int8_per_token(args: QuantArgs | None) -> bool:
-    return args is not None and args.type == "int" and args.num_bits == 8 and args.strategy == "token" \
-        and args.symmetric and args.dynamic
+    return args is not None and args.is_int8_per_token
 
 
 def is_w8a8_int8(scheme: QuantScheme | None) -> bool:

@@ -76,6 +76,31 @@ def _fields_of(method: str) -> set[str] | None:
     return set(PASSES.get(method).config_cls.model_fields) - {"method"}
 
 
+def _kept_for(method: str, stage: dict[str, Any]) -> dict[str, Any]:
+    """The base stage's fields a switch to ``method`` keeps: those its config has, with a value of the field's
+    type there. A value only the old method takes (gptq's ``observer: auto`` under ``--method rtn``) falls back
+    to the new method's default, as a field it lacks does; the user's own flags are applied afterwards."""
+    from pydantic import TypeAdapter
+
+    from compress.passes import PASSES
+
+    accepted = _fields_of(method) or set()
+    fields = PASSES.get(method).config_cls.model_fields if method in PASSES else {}
+
+    def takes(key: str, value: Any) -> bool:
+        try:
+            adapter = TypeAdapter(fields[key].annotation)
+        except Exception:  # a type pydantic checks only inside its model: keep the value, validation judges it
+            return True
+        try:
+            adapter.validate_python(value)
+        except ValidationError:
+            return False
+        return True
+
+    return {k: v for k, v in stage.items() if k in accepted and takes(k, v)}
+
+
 # a flag that decides the shape of pruning replaces the base recipe's field for the other shape, so that
 # `prune --pattern 1:4` on the 50%-sparsity default is 1:4 (not a conflict with the preset's 0.5), while both
 # flags given together are still refused by the stage config
@@ -100,9 +125,8 @@ def apply_flags(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
                 if not isinstance(stage, dict) or not _takes_stage_flags(stage):
                     continue  # not a dict: validation names it; a rotation takes no stage flag
                 if parts[-1] == "method" and stage.get("method") != value:
-                    # a different method keeps only the base recipe's fields that it also has
-                    accepted = _fields_of(value) or set()
-                    keep = {k: v for k, v in stage.items() if k in accepted}
+                    # a different method keeps only the base recipe's fields that it also takes
+                    keep = _kept_for(value, stage)
                     stage.clear()
                     stage.update(keep)
                 stage[parts[-1]] = value

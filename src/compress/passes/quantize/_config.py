@@ -1,5 +1,5 @@
 """Config fields shared by every weight-only integer quantizer (RTN, GPTQ, ...), and the activation scheme
-the quantizers that solve only the weight side can add (``ActivationQuantConfig``: W8A8-int8).
+the quantizers that solve only the weight side can add (``ActivationQuantConfig``: W8A8-int8, W4A8, W8A8-FP8).
 
 Its own module because a pass module never imports another pass module (DESIGN: layer rules).
 """
@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 from torch import nn
 
+from compress.core.qargs import QuantArgs
 from compress.core.scheme import QuantScheme
 from compress.passes.base import PassConfig
 
@@ -52,9 +53,11 @@ class WeightQuantConfig(PassConfig):
 class ActivationQuantConfig(WeightQuantConfig):
     """A weight quantizer whose layers may also quantize their inputs at run time.
 
-    ``activations: int8-dynamic`` is W8A8-int8 (compressed-tensors' ``W8A8`` preset): the weights are solved
-    as usual at 8 bits per output channel, symmetric; the inputs are quantized per token when the layer
-    runs, so nothing about them is calibrated. Layers are stored ``int-quantized``."""
+    ``activations: int8-dynamic`` quantizes the inputs to int8 per token when the layer runs, so nothing about
+    them is calibrated; the weights are solved as usual, symmetric, either at 8 bits per output channel
+    (W8A8-int8, compressed-tensors' ``W8A8`` preset, stored ``int-quantized``) or at 4 bits in groups or per
+    channel (W4A8, its ``W4A8`` preset, stored ``pack-quantized`` like W4A16). Other widths with int8 inputs
+    are refused: no preset or reader we test describes them."""
 
     activations: Literal["none", "int8-dynamic", "fp8-dynamic", "fp8-static"] = "none"
     """``fp8-dynamic`` / ``fp8-static``: W8A8-FP8 (needs ``type: float``), inputs per token at run time, or
@@ -74,29 +77,40 @@ class ActivationQuantConfig(WeightQuantConfig):
                 raise ValueError("int8-dynamic activations need int weights; use fp8-dynamic with float weights")
         elif self.activations.startswith("fp8"):
             raise ValueError(f"{self.activations} activations (W8A8-FP8) need float weights (type float)")
-        if self.activations == "int8-dynamic" and (self.bits != 8 or self.group_size != -1 or not self.symmetric):
-            raise ValueError("int8-dynamic activations (W8A8-int8) need 8-bit symmetric per-channel weights "
-                             "(bits 8, group_size -1, symmetric)")
+        if self.activations == "int8-dynamic" and not self._int8_weights_fit():
+            raise ValueError("int8-dynamic activations need symmetric weights, either 8-bit per channel (W8A8-int8: "
+                             "bits 8, group_size -1) or 4-bit (W4A8: bits 4, any group size)")
         return self
+
+    def _int8_weights_fit(self) -> bool:
+        """The weights of the two int8-input presets: W8A8-int8 (8-bit per channel) or W4A8 (4-bit)."""
+        return self.symmetric and (self.bits == 4 or (self.bits == 8 and self.group_size == -1))
+
+    @property
+    def _inputs(self) -> QuantArgs | None:
+        """The int schemes' input args (FP8 inputs come with their own weights in ``scheme``)."""
+        return QuantArgs.int8_per_token() if self.activations == "int8-dynamic" else None
 
     @property
     def scheme(self) -> QuantScheme:
-        if self.activations == "int8-dynamic":
-            return QuantScheme.w8a8_int8()
         if self.type == "float":
             return QuantScheme.fp8() if self.activations == "none" \
                 else QuantScheme.w8a8_fp8(static=self.activations == "fp8-static")
-        return super().scheme
+        return QuantScheme(weights=super().scheme.weights, input_activations=self._inputs)
 
     def scheme_for(self, in_features: int) -> QuantScheme:
-        return self.scheme if self.type == "float" else super().scheme_for(in_features)
+        """As the weight-only scheme (a per-channel fallback included), with the same input quantization."""
+        if self.type == "float":
+            return self.scheme
+        return QuantScheme(weights=super().scheme_for(in_features).weights, input_activations=self._inputs)
 
     @property
     def storage_format(self) -> str:
-        """The codec the layers are written in: ``int-quantized`` for W8A8-int8, else ``pack-quantized``."""
+        """The codec the layers are written in: ``int-quantized`` for W8A8-int8 (int8 codes one per byte, the
+        ``W8A8`` preset's layout), ``float-quantized`` for FP8, else ``pack-quantized`` (W4A16, W4A8, ...)."""
         if self.type == "float":
             return "float-quantized"
-        return "int-quantized" if self.activations == "int8-dynamic" else "pack-quantized"
+        return "int-quantized" if self.activations == "int8-dynamic" and self.bits == 8 else "pack-quantized"
 
 
 class SchemeQuantizer:

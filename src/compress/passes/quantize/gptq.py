@@ -189,7 +189,7 @@ class GPTQPass(SchemeQuantizer, LayerPass):
         self._chosen[name] = chosen
         logger.debug("layer %s: GPTQ loss %.6g (damp %g, %s)", name, result.loss, result.damp_used, chosen)
         bias = None if linear.bias is None else linear.bias.detach()
-        if scheme.input_activations is not None:  # W8A8-int8: the solved codes as int8, int-quantized
+        if cfg.storage_format == "int-quantized":  # W8A8-int8: the solved codes as int8 (W4A8 packs them)
             storage = UnpackedWeight(result.codes.to(torch.int8).contiguous(), result.scale.to(dtype).contiguous(),
                                      None, None, scheme)
             return QuantLinear.from_storage(storage, bias, format=cfg.storage_format)

@@ -73,7 +73,8 @@ class RTNPass(SchemeQuantizer, LayerPass):
                 raise CompressError(f"static FP8 input scales need calibration inputs for layer {name}, and saw none")
             qparams["input_absmax"] = stats.abs_max.max()
         if scheme.input_activations is not None or self.config.type == "float":
-            # W8A8-int8 (int8 codes), FP8 weights (e4m3 codes): their own layouts, inputs quantized at run time
+            # W8A8-int8 (int8 codes), W4A8 (packed), FP8 weights (e4m3 codes): the config's layout, inputs
+            # quantized at run time
             return quantize_linear(linear, scheme, format=self.config.storage_format, **qparams)
         quantized = QuantLinear.from_linear(linear, scheme, **qparams)
         # zero lies in every group's range, so an earlier stage's pruned weights stay exactly zero: the layer's
