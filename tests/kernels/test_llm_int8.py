@@ -62,3 +62,51 @@ def test_which_schemes_and_thresholds():
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(CompressError, match="positive number"):
             check_threshold(bad)
+
+
+def test_quantize_export_load_and_readers(tmp_path, tiny_llama_dir, corpus_txt):
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    import compress
+    from compress.cli.main import app
+    from compress.kernels.quant_linear import QuantLinear
+
+    runner = CliRunner()
+    out = tmp_path / "llm-int8"
+    result = runner.invoke(app, ["quantize", str(tiny_llama_dir), "--scheme", "llm-int8", "--threshold", "0.5",
+                                 "--dataset", str(corpus_txt), "--eval-windows", "2", "--output", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    block = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8"]
+    assert block["threshold"] == 0.5 and len(block["targets"]) == 14
+    ours = compress.load(out, device="cpu")
+    layers = [m for m in ours.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14 and all(m.outlier_threshold == 0.5 for m in layers)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    theirs = AutoModelForCausalLM.from_pretrained(str(out))  # compressed-tensors ignores the key: W8A16
+    with torch.no_grad():
+        mixed = ours(ids).logits
+        for layer in layers:
+            layer.outlier_threshold = None
+        w8a16 = ours(ids).logits
+        reader = theirs(ids).logits
+    torch.testing.assert_close(reader, w8a16, rtol=0, atol=1e-5)
+    assert (mixed - w8a16).abs().max() > 1e-5  # compress.load really runs the decomposition
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--threshold", "6"], "add --scheme llm-int8"),
+    (["--scheme", "llm-int8", "--threshold", "-1"], "threshold"),
+    (["--scheme", "llm-int8", "--bits", "4"], "8-bit symmetric per-channel"),
+    (["--scheme", "llm-int8", "--format", "gptq"], "GPTQ layout"),
+])
+def test_cli_refusals(flags, needle, tmp_path):
+    from typer.testing import CliRunner
+
+    from compress.cli.main import app
+
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "missing"), *flags, "--no-eval", "--output",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2 and needle in result.output and not (tmp_path / "out").exists()

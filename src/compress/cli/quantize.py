@@ -74,6 +74,9 @@ def quantize(
                                       "dynamic inputs, pack-quantized), fp8 (e4m3 per-channel weights, 16-bit "
                                       "inputs, float-quantized) or w8a8-fp8 (e4m3 weights and e4m3 inputs; see "
                                       "--static)."),
+    threshold: float | None = typer.Option(None, "--threshold", help=shown(
+        "llm-int8: input magnitude from which a feature dimension is computed in float (LLM.int8() outliers).",
+        "6.0")),
     static: bool | None = typer.Option(None, "--static/--dynamic",
                                        help=shown("w8a8-fp8: one calibrated input scale per layer (--static, reads "
                                                   "the calibration data) or per-token scales at run time.",
@@ -109,6 +112,10 @@ def quantize(
 ) -> None:
     """Quantize MODEL's linear layers and write a compressed-tensors (or GPTQ-layout) checkpoint."""
     activations = _scheme_activations(scheme, static, bits, group_size, sym, export_format)
+    if threshold is not None and activations != "llm-int8":
+        from compress.core.errors import CompressError
+
+        raise CompressError("--threshold sets LLM.int8()'s outlier magnitude; add --scheme llm-int8")
     if activations is not None:
         bits, group_size = NAMED_SCHEMES[scheme].weights(group_size)  # type: ignore[index]
     rank = compensation_rank(lowrank_compensate, lorc_rank)
@@ -117,7 +124,7 @@ def quantize(
         "stages.*.symmetric": sym, "stages.*.ignore": ignore or None, "stages.*.act_order": act_order,
         "stages.*.damp": damp, "stages.*.block_size": block_size, "stages.*.static_groups": static_groups,
         "stages.*.observer": observer, "stages.*.indivisible": indivisible, "export.format": export_format,
-        "stages.*.activations": activations,
+        "stages.*.activations": activations, "stages.*.threshold": threshold,
         **job_flags(
             model=model, dataset=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, output=output,
             device=device, dtype=dtype, eval_dataset=eval_dataset, eval_windows=eval_windows, do_eval=do_eval,
@@ -172,7 +179,8 @@ class NamedScheme:
 
 
 NAMED_SCHEMES = {"w8a8-int8": NamedScheme("int8-dynamic"), "w4a8": NamedScheme("int8-dynamic", 4, 128, grouped=True),
-                 "fp8": NamedScheme("none"), "w8a8-fp8": NamedScheme("fp8-dynamic")}
+                 "fp8": NamedScheme("none"), "w8a8-fp8": NamedScheme("fp8-dynamic"),
+                 "llm-int8": NamedScheme("llm-int8")}
 """``--scheme`` names: int8 / e4m3 per-channel weights for w8a8-int8 and the FP8 two, int4 grouped for w4a8."""
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compress.core.qargs import QuantArgs
 from compress.core.scheme import QuantScheme
+from compress.kernels.quant_linear import QuantLinear
 from compress.passes.base import PassConfig
 
 ACTIVATION_SCHEMES = ("none", "int8-dynamic", "fp8-dynamic", "fp8-static")
@@ -59,9 +60,12 @@ class ActivationQuantConfig(WeightQuantConfig):
     channel (W4A8, its ``W4A8`` preset, stored ``pack-quantized`` like W4A16). Other widths with int8 inputs
     are refused: no preset or reader we test describes them."""
 
-    activations: Literal["none", "int8-dynamic", "fp8-dynamic", "fp8-static"] = "none"
+    activations: Literal["none", "int8-dynamic", "fp8-dynamic", "fp8-static", "llm-int8"] = "none"
     """``fp8-dynamic`` / ``fp8-static``: W8A8-FP8 (needs ``type: float``), inputs per token at run time, or
     one per-tensor scale per layer from the calibration's largest ``|x|`` (then the pass reads data)."""
+    threshold: float = Field(6.0, gt=0, allow_inf_nan=False)
+    """``llm-int8`` (LLM.int8()): input dimensions with ``|x| >= threshold`` in a call stay in float, the rest
+    run vector-wise int8 (``kernels/llm_int8.py``); the weights are ordinary W8A16 (8-bit per channel)."""
     type: Literal["int", "float"] = "int"
     """Weight codes: ``int`` (packed integers), or ``float``: FP8 e4m3 (bits 8, per channel, symmetric, min/max
     scales ``absmax / 448``), stored ``float-quantized``."""
@@ -77,6 +81,10 @@ class ActivationQuantConfig(WeightQuantConfig):
                 raise ValueError("int8-dynamic activations need int weights; use fp8-dynamic with float weights")
         elif self.activations.startswith("fp8"):
             raise ValueError(f"{self.activations} activations (W8A8-FP8) need float weights (type float)")
+        if self.activations == "llm-int8" and (self.type != "int" or self.bits != 8 or self.group_size != -1
+                                               or not self.symmetric):
+            raise ValueError("llm-int8 runs on 8-bit symmetric per-channel int weights (bits 8, group_size -1, "
+                             "symmetric)")
         if self.activations == "int8-dynamic" and not self._int8_weights_fit():
             raise ValueError("int8-dynamic activations need symmetric weights, either 8-bit per channel (W8A8-int8: "
                              "bits 8, group_size -1) or 4-bit (W4A8: bits 4, any group size)")
@@ -85,6 +93,11 @@ class ActivationQuantConfig(WeightQuantConfig):
     def _int8_weights_fit(self) -> bool:
         """The weights of the two int8-input presets: W8A8-int8 (8-bit per channel) or W4A8 (4-bit)."""
         return self.symmetric and (self.bits == 4 or (self.bits == 8 and self.group_size == -1))
+
+    @property
+    def llm_int8_threshold(self) -> float | None:
+        """The LLM.int8() outlier threshold its layers run with, None unless ``activations: llm-int8``."""
+        return self.threshold if self.activations == "llm-int8" else None
 
     @property
     def _inputs(self) -> QuantArgs | None:
@@ -128,3 +141,11 @@ class SchemeQuantizer:
 
     def describe(self) -> str:
         return self.config.scheme.tag
+
+    def with_runtime(self, module: nn.Module) -> nn.Module:
+        """``module`` set to run what the config asks at run time beyond its codes (LLM.int8()'s outlier
+        decomposition), so the blocks after it calibrate on what the export computes."""
+        threshold = getattr(self.config, "llm_int8_threshold", None)
+        if threshold is not None and isinstance(module, QuantLinear):
+            module.outlier_threshold = threshold
+        return module

@@ -193,4 +193,4 @@ class GPTQPass(SchemeQuantizer, LayerPass):
             storage = UnpackedWeight(result.codes.to(torch.int8).contiguous(), result.scale.to(dtype).contiguous(),
                                      None, None, scheme)
             return QuantLinear.from_storage(storage, bias, format=cfg.storage_format)
-        return QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias)
+        return self.with_runtime(QuantLinear.from_packed(pack_result(result, cfg, dtype, scheme), bias))

@@ -79,4 +79,4 @@ class RTNPass(SchemeQuantizer, LayerPass):
         quantized = QuantLinear.from_linear(linear, scheme, **qparams)
         # zero lies in every group's range, so an earlier stage's pruned weights stay exactly zero: the layer's
         # record keeps its sparsity pattern (the observer is the default ``record_facts``)
-        return quantized
+        return self.with_runtime(quantized)
