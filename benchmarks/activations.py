@@ -19,7 +19,8 @@ beyond ~6B put theirs (the reason SmoothQuant exists). Our small trained models 
 natural rows show what smoothing does when there is little to migrate.
 
 FP8 (``--part fp8``): e4m3 beside int8 on the same three models: W8A16 int8 and FP8 weight-only (RTN, per
-channel), W8A8-int8 (RTN and GPTQ weights) and W8A8-FP8 with per-token dynamic and per-tensor static inputs.
+channel), W8A8-int8 (RTN and GPTQ weights), W8A8-FP8 with per-token dynamic and per-tensor static inputs, and
+LLM.int8() (the same int8 RTN weights, outlier input dimensions in float at run time).
 The "FP8 versus INT8" claim (FP8 activations beat int8 on outlier-heavy activations) is what the outlier copy
 tests: a 30x channel costs per-token int8 resolution across the whole token, e4m3's exponent keeps the rest.
 
@@ -63,6 +64,8 @@ FP8_RUNS = [
     ("W8A8-int8 GPTQ", [RUNS[2][1]]),
     ("W8A8-FP8 dynamic", [{**FP8_WEIGHTS, "activations": "fp8-dynamic"}]),
     ("W8A8-FP8 static", [{**FP8_WEIGHTS, "activations": "fp8-static"}]),
+    ("LLM.int8() RTN (threshold 6)", [{"method": "rtn", "bits": 8, "group_size": -1, "observer": "minmax",
+                                       "activations": "llm-int8", "threshold": 6.0}]),
 ]
 W4_GPTQ = {"method": "gptq", "bits": 4, "group_size": 128}
 KV_RUNS = [
@@ -200,7 +203,7 @@ def smoothquant_part(num_samples: int) -> None:
 
 def fp8_part(num_samples: int) -> None:
     rows = quality_rows(FP8_RUNS, num_samples)
-    lines = ["# FP8 (e4m3) beside int8: weight-only and W8A8, dynamic and static inputs", "",
+    lines = ["# FP8 (e4m3) beside int8: weight-only and W8A8, dynamic and static inputs; LLM.int8()", "",
              f"Calibration demo-calib, {num_samples} samples of 256 tokens (read by GPTQ and by the static input "
              "scales; RTN weight-only reads none); eval demo-heldout (KL, ppl and top-1 against each model's fp32 "
              "self, the same windows for every row). `KL / int8`: over the W8A8-int8 RTN row of the same model "
