@@ -27,9 +27,11 @@ tests: a 30x channel costs per-token int8 resolution across the whole token, e4m
 KV cache (``--part kv``): FP8 KV-cache scales per layer and per head, alone (fp32 weights) and after W4A16 GPTQ
 and W8A8-FP8, on the same models.
 
-Run: python benchmarks/activations.py [--num-samples 64] [--part all|quality|smoothquant|fp8|kv]
+W4A8 (``--part w4a8``): W4A16 GPTQ, W4A8 GPTQ and W4A8 GPTQ with rank 8 and 16 low-rank compensation.
+
+Run: python benchmarks/activations.py [--num-samples 64] [--part all|quality|smoothquant|fp8|kv|w4a8]
      → benchmarks/results/activations.json|md (``--part smoothquant`` → activations_smoothquant.json|md,
-     ``--part fp8`` → activations_fp8.json|md, ``--part kv`` → activations_kv_cache.json|md)
+     ``--part fp8`` → activations_fp8.json|md, ``--part kv`` → activations_kv_cache.json|md, ``--part w4a8`` → activations_w4a8.json|md)
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ KV_RUNS = [
     ("W4A16 GPTQ", [W4_GPTQ]),
     ("W4A16 GPTQ + KV fp8", [W4_GPTQ, {"method": "kv_cache"}]),
     ("W8A8-FP8 dynamic + KV fp8", [{**FP8_WEIGHTS, "activations": "fp8-dynamic"}, {"method": "kv_cache"}]),
+]
+W4A8_GPTQ = {**W4_GPTQ, "activations": "int8-dynamic"}
+W4A8_RUNS = [
+    ("W4A16 GPTQ", [W4_GPTQ]),
+    ("W4A8 GPTQ", [W4A8_GPTQ]),
+    ("W4A8 GPTQ + LoRC rank 8", [{"method": "lowrank", "rank": 8, "quantizer": W4A8_GPTQ}]),
+    ("W4A8 GPTQ + LoRC rank 16", [{"method": "lowrank", "rank": 16, "quantizer": W4A8_GPTQ}]),
 ]
 OUTLIER_CHANNELS, OUTLIER_FACTOR = (3, 17, 40), 30.0
 SECOND = Path(__file__).resolve().parent / "models" / "qwen2-256"
@@ -241,10 +250,22 @@ def kv_part(num_samples: int) -> None:
     write_results("activations_kv_cache", {"rows": rows, "num_samples": num_samples}, "\n".join(lines))
 
 
+def w4a8_part(num_samples: int) -> None:
+    rows = quality_rows(W4A8_RUNS, num_samples)
+    lines = ["# W4A8 (int4 weights g128, int8 per-token inputs) with and without low-rank compensation", "",
+             f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
+             "against each model's fp32 self, the same windows). GPTQ with its defaults (act-order, observer "
+             "auto). LoRC here is our low-rank compensation (`--lorc-rank R` = `--lowrank-compensate R`): rank-R "
+             "factors of each layer's quantization error in the activation-weighted norm (EoRA), not LoRC's plain "
+             "SVD. `KL / W4A8`: over the W4A8 GPTQ row of the same model.", "",
+             *ratio_table(rows, "W4A8 GPTQ", "KL / W4A8")]
+    write_results("activations_w4a8", {"rows": rows, "num_samples": num_samples}, "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--part", choices=["all", "quality", "smoothquant", "fp8", "kv"], default="all")
+    parser.add_argument("--part", choices=["all", "quality", "smoothquant", "fp8", "kv", "w4a8"], default="all")
     args = parser.parse_args()
     if args.part in ("all", "smoothquant"):
         smoothquant_part(args.num_samples)
@@ -252,7 +273,9 @@ def main() -> None:
         fp8_part(args.num_samples)
     if args.part in ("all", "kv"):
         kv_part(args.num_samples)
-    if args.part in ("smoothquant", "fp8", "kv"):
+    if args.part in ("all", "w4a8"):
+        w4a8_part(args.num_samples)
+    if args.part in ("smoothquant", "fp8", "kv", "w4a8"):
         return
     from compress.models.load import DEMO_MODEL_DIR
 
