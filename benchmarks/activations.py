@@ -40,6 +40,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -196,70 +197,83 @@ def ratio_table(rows: list[dict], reference: str, ratio_name: str) -> list[str]:
     return lines
 
 
+def ratio_part(name: str, runs: list[tuple[str, list[dict]]], num_samples: int, title: str, about: str,
+               reference: str, ratio_name: str, extra: Callable[[list[dict]], list[str]] | None = None) -> None:
+    """One results file: every run on every model, the KL table with ratios to ``reference``, ``extra`` lines."""
+    rows = quality_rows(runs, num_samples)
+    lines = [f"# {title}", "", about, "", *ratio_table(rows, reference, ratio_name), *(extra(rows) if extra else [])]
+    write_results(name, {"rows": rows, "num_samples": num_samples, "outlier_channels": list(OUTLIER_CHANNELS),
+                         "outlier_factor": OUTLIER_FACTOR}, "\n".join(lines))
+
+
 def smoothquant_part(num_samples: int) -> None:
-    rows = quality_rows(SMOOTH_RUNS, num_samples)
-    lines = ["# SmoothQuant before W8A8-int8 (int8 per-channel weights, int8 per-token dynamic activations)", "",
-             f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
-             "against each model's fp32 self, the same windows for every row). `KL / W8A8`: over the W8A8-int8 "
-             "GPTQ row of the same model. The synthetic-outlier copy computes what the demo model computes, "
-             f"with channels {list(OUTLIER_CHANNELS)} of every norm x{OUTLIER_FACTOR:g} (readers' columns "
-             "divided): see benchmarks/activations.py.", "",
-             *ratio_table(rows, "W8A8-int8 GPTQ", "KL / W8A8")]
-    write_results("activations_smoothquant", {"rows": rows, "num_samples": num_samples,
-                                              "outlier_channels": list(OUTLIER_CHANNELS),
-                                              "outlier_factor": OUTLIER_FACTOR}, "\n".join(lines))
+    ratio_part(
+        "activations_smoothquant", SMOOTH_RUNS, num_samples,
+        "SmoothQuant before W8A8-int8 (int8 per-channel weights, int8 per-token dynamic activations)",
+        f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
+        "against each model's fp32 self, the same windows for every row). `KL / W8A8`: over the W8A8-int8 "
+        "GPTQ row of the same model. The synthetic-outlier copy computes what the demo model computes, "
+        f"with channels {list(OUTLIER_CHANNELS)} of every norm x{OUTLIER_FACTOR:g} (readers' columns "
+        "divided): see benchmarks/activations.py.",
+        "W8A8-int8 GPTQ", "KL / W8A8")
 
 
 def fp8_part(num_samples: int) -> None:
-    rows = quality_rows(FP8_RUNS, num_samples)
-    lines = ["# FP8 (e4m3) beside int8: weight-only and W8A8, dynamic and static inputs; LLM.int8()", "",
-             f"Calibration demo-calib, {num_samples} samples of 256 tokens (read by GPTQ and by the static input "
-             "scales; RTN weight-only reads none); eval demo-heldout (KL, ppl and top-1 against each model's fp32 "
-             "self, the same windows for every row). `KL / int8`: over the W8A8-int8 RTN row of the same model "
-             "(the same round-to-nearest weights, int8 codes instead of e4m3). All weights per output channel, "
-             "symmetric, min/max scales. FP8 runs here as fake quantization (e4m3 codes dequantized, fp32 matmul: "
-             "the reader's arithmetic on a CPU), so this table is about quality, not speed. The synthetic-outlier "
-             f"copy: channels {list(OUTLIER_CHANNELS)} of every norm x{OUTLIER_FACTOR:g}, readers' columns divided "
-             "(same function as demo).", "",
-             *ratio_table(rows, "W8A8-int8 RTN", "KL / int8")]
-    write_results("activations_fp8", {"rows": rows, "num_samples": num_samples,
-                                      "outlier_channels": list(OUTLIER_CHANNELS),
-                                      "outlier_factor": OUTLIER_FACTOR}, "\n".join(lines))
+    ratio_part(
+        "activations_fp8", FP8_RUNS, num_samples,
+        "FP8 (e4m3) beside int8: weight-only and W8A8, dynamic and static inputs; LLM.int8()",
+        f"Calibration demo-calib, {num_samples} samples of 256 tokens (read by GPTQ and by the static input "
+        "scales; RTN weight-only reads none); eval demo-heldout (KL, ppl and top-1 against each model's fp32 "
+        "self, the same windows for every row). `KL / int8`: over the W8A8-int8 RTN row of the same model "
+        "(the same round-to-nearest weights, int8 codes instead of e4m3). All weights per output channel, "
+        "symmetric, min/max scales. FP8 runs here as fake quantization (e4m3 codes dequantized, fp32 matmul: "
+        "the reader's arithmetic on a CPU), so this table is about quality, not speed. The synthetic-outlier "
+        f"copy: channels {list(OUTLIER_CHANNELS)} of every norm x{OUTLIER_FACTOR:g}, readers' columns divided "
+        "(same function as demo).",
+        "W8A8-int8 RTN", "KL / int8")
+
+
+def kv_increases(rows: list[dict]) -> list[str]:
+    """Per model: the ppl the FP8 cache adds alone (per layer, per head) and on top of W4A16 GPTQ."""
+    by = {(r["model"], r["scheme"]): r for r in rows}
+
+    def increase(model: str, scheme: str, over: str | None = None) -> str:
+        row = by[(model, scheme)]
+        base = by[(model, over)]["ppl"] if over else row["ppl_fp32"]
+        return f"{(row['ppl'] / base - 1) * 100:+.2f}%"
+
+    lines = ["", "| model | KV fp8 alone: ppl + | per head: ppl + | W4A16 GPTQ + KV fp8 over W4A16: ppl + |",
+             "|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        lines.append(f"| {model} | {increase(model, 'fp32 weights + KV fp8')} | "
+                     f"{increase(model, 'fp32 weights + KV fp8 per head')} | "
+                     f"{increase(model, 'W4A16 GPTQ + KV fp8', 'W4A16 GPTQ')} |")
+    return lines
 
 
 def kv_part(num_samples: int) -> None:
-    rows = quality_rows(KV_RUNS, num_samples)
-    by = {(r["model"], r["scheme"]): r for r in rows}
-    lines = ["# FP8 (e4m3) KV cache: static calibrated scales for keys (after RoPE) and values", "",
-             f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
-             "against each model's fp32 self, the same windows). Rows without weight quantization isolate the "
-             "cache's own cost; `ppl +` is over the fp32 model's ppl. The scales are calibrated on the model as "
-             "the stages before left it (the kv_cache stage comes last). The released transformers 5.24 + "
-             "compressed-tensors 0.20 skip `kv_cache_scheme` (see kernels/kv_cache.py): these numbers are what "
-             "`compress.load` and vLLM's fp8 KV cache compute.", "",
-             *ratio_table(rows, "W4A16 GPTQ", "KL / W4A16"), "",
-             "| model | KV fp8 alone: ppl + | per head: ppl + | W4A16 GPTQ + KV fp8 over W4A16: ppl + |",
-             "|---|---|---|---|"]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        def increase(scheme: str, over: str | None = None, model: str = model) -> str:
-            row = by[(model, scheme)]
-            base = by[(model, over)]["ppl"] if over else row["ppl_fp32"]
-            return f"{(row['ppl'] / base - 1) * 100:+.2f}%"
-        lines.append(f"| {model} | {increase('fp32 weights + KV fp8')} | {increase('fp32 weights + KV fp8 per head')} "
-                     f"| {increase('W4A16 GPTQ + KV fp8', 'W4A16 GPTQ')} |")
-    write_results("activations_kv_cache", {"rows": rows, "num_samples": num_samples}, "\n".join(lines))
+    ratio_part(
+        "activations_kv_cache", KV_RUNS, num_samples,
+        "FP8 (e4m3) KV cache: static calibrated scales for keys (after RoPE) and values",
+        f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
+        "against each model's fp32 self, the same windows). Rows without weight quantization isolate the "
+        "cache's own cost; `ppl +` is over the fp32 model's ppl. The scales are calibrated on the model as "
+        "the stages before left it (the kv_cache stage comes last). The released transformers 5.24 + "
+        "compressed-tensors 0.20 skip `kv_cache_scheme` (see kernels/kv_cache.py): these numbers are what "
+        "`compress.load` and vLLM's fp8 KV cache compute.",
+        "W4A16 GPTQ", "KL / W4A16", kv_increases)
 
 
 def w4a8_part(num_samples: int) -> None:
-    rows = quality_rows(W4A8_RUNS, num_samples)
-    lines = ["# W4A8 (int4 weights g128, int8 per-token inputs) with and without low-rank compensation", "",
-             f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
-             "against each model's fp32 self, the same windows). GPTQ with its defaults (act-order, observer "
-             "auto). LoRC here is our low-rank compensation (`--lorc-rank R` = `--lowrank-compensate R`): rank-R "
-             "factors of each layer's quantization error in the activation-weighted norm (EoRA), not LoRC's plain "
-             "SVD. `KL / W4A8`: over the W4A8 GPTQ row of the same model.", "",
-             *ratio_table(rows, "W4A8 GPTQ", "KL / W4A8")]
-    write_results("activations_w4a8", {"rows": rows, "num_samples": num_samples}, "\n".join(lines))
+    ratio_part(
+        "activations_w4a8", W4A8_RUNS, num_samples,
+        "W4A8 (int4 weights g128, int8 per-token inputs) with and without low-rank compensation",
+        f"Calibration demo-calib, {num_samples} samples of 256 tokens; eval demo-heldout (KL, ppl and top-1 "
+        "against each model's fp32 self, the same windows). GPTQ with its defaults (act-order, observer "
+        "auto). LoRC here is our low-rank compensation (`--lorc-rank R` = `--lowrank-compensate R`): rank-R "
+        "factors of each layer's quantization error in the activation-weighted norm (EoRA), not LoRC's plain "
+        "SVD. `KL / W4A8`: over the W4A8 GPTQ row of the same model.",
+        "W4A8 GPTQ", "KL / W4A8")
 
 
 def main() -> None:

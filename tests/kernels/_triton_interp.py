@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -54,3 +55,10 @@ def rerun_interpreted(test_file: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q", "-p",
                            "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def interpret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The triton paths accept CPU tensors only while the variable is set (imported into each triton test
+    module, so it applies there only)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -33,7 +33,7 @@ from compress.kernels.quant_linear import QuantLinear  # noqa: E402
 from compress.kernels.reference import dequant_matmul_reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _triton_interp import import_interpreted, rerun_interpreted  # noqa: E402
+from _triton_interp import import_interpreted, interpret_env, rerun_interpreted  # noqa: E402, F401
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, -1)
@@ -41,12 +41,6 @@ GROUPS = (32, 64, -1)
 
 INTERPRETED = import_interpreted("compress.kernels.triton_gemm")
 in_process = pytest.mark.skipif(not INTERPRETED, reason="triton was imported compiled; runs in a subprocess")
-
-
-@pytest.fixture(autouse=True)
-def interpret_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``TritonPath.unsupported`` accepts CPU tensors only while the variable is set."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this process interprets triton; the tests below ran here")

@@ -24,18 +24,13 @@ from compress.core.scheme import QuantScheme  # noqa: E402
 from compress.kernels.paths import apply_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _triton_interp import import_interpreted, rerun_interpreted  # noqa: E402
+from _triton_interp import import_interpreted, interpret_env, rerun_interpreted  # noqa: E402, F401
 
 INTERPRETED = import_interpreted("compress.kernels.triton_w8a8")
 in_process = pytest.mark.skipif(not INTERPRETED, reason="triton was imported compiled; runs in a subprocess")
 SCHEMES = {"int8": (QuantScheme.w8a8_int8, "int-quantized"),
            "fp8-dynamic": (QuantScheme.w8a8_fp8, "float-quantized"),
            "fp8-static": (lambda: QuantScheme.w8a8_fp8(static=True), "float-quantized")}
-
-
-@pytest.fixture(autouse=True)
-def interpret_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this process interprets triton; the tests below ran here")

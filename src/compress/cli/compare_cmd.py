@@ -32,8 +32,8 @@ def compare(
         raise CompressError("--markdown and --json each print the whole result; choose one")
     plan = None
     if plot is not None:
-        from compress.evaluate.plots import PNG_MAGIC, require_matplotlib
-        from compress.pipeline.output_file import check_output_file
+        from compress.evaluate.plots import PNG_MAGIC, require_matplotlib, size_vs_quality_png
+        from compress.pipeline.output_file import check_output_file, staging_file
 
         if not plot.lower().endswith(".png"):
             raise CompressError(f"--plot {plot} must name a .png file")
@@ -44,9 +44,6 @@ def compare(
     rows, notes = compare_outputs(paths)
     plotted = None
     if plan is not None:
-        from compress.evaluate.plots import PNG_MAGIC, size_vs_quality_png
-        from compress.pipeline.output_file import staging_file
-
         with staging_file(plan, overwrite, magic=PNG_MAGIC, kind="PNG") as staging:
             plotted = {"file": str(plan), **size_vs_quality_png(rows, staging)}
     if as_json:

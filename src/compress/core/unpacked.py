@@ -58,12 +58,24 @@ def fp8_codes(w: Tensor, stored_scale: Tensor, scheme: QuantScheme) -> Tensor:
     return torch.clamp(w.detach().float() / s, -FP8_MAX, FP8_MAX).to(FP8).contiguous()
 
 
-def stored_input_scale(absmax: Tensor | float, dtype: torch.dtype) -> Tensor:
-    """The static per-tensor input scale ``[1]`` in its storage dtype: ``absmax / 448`` from the calibration's
-    largest ``|x|``, rounded to ``dtype``; a zero (a layer that only ever saw zeros) becomes the dtype's eps,
-    as compressed-tensors' ``calculate_qparams`` does."""
-    scale = (torch.as_tensor(absmax, dtype=torch.float32).reshape(1) / FP8_MAX).to(dtype)
+def fp8_static_scale(absmax: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """A calibrated FP8 scale of any shape in its storage dtype: ``absmax / 448`` rounded to ``dtype``; a zero
+    (a tensor that only ever saw zeros) becomes the dtype's eps, as compressed-tensors' ``calculate_qparams``
+    does. Static input scales and KV-cache scales are both made here."""
+    scale = (torch.as_tensor(absmax, dtype=torch.float32) / FP8_MAX).to(dtype)
     return torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).eps), scale).contiguous()
+
+
+def stored_input_scale(absmax: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """The static per-tensor input scale ``[1]`` from the calibration's largest ``|x|`` (``fp8_static_scale``)."""
+    return fp8_static_scale(torch.as_tensor(absmax, dtype=torch.float32).reshape(1), dtype)
+
+
+def fp8_quant_dequant(x: Tensor, scale: Tensor) -> Tensor:
+    """``x`` through e4m3 with ``scale`` (broadcast against ``x``) and back: ``e4m3(clamp(x / s, ±448)) · s`` in
+    float32, returned in ``x.dtype`` (compressed-tensors' fake quantization for float args)."""
+    s = scale.to(device=x.device, dtype=torch.float32)
+    return (fp8_round(x.float() / s) * s).to(x.dtype)
 
 
 def code_dtype(scheme: QuantScheme) -> torch.dtype:

@@ -58,5 +58,5 @@ def size_vs_quality_png(rows: list[OutputSummary], target: Path) -> dict[str, ob
         figure.savefig(target, format="png", metadata={"Software": None})  # no version stamp: stable bytes
     finally:
         plt.close(figure)
-    return {"metric": key, "points": len(points), "left_out": [r.label for r in rows
-                                                               if r.label not in {p[0] for p in points}]}
+    plotted = {label for label, _, _ in points}
+    return {"metric": key, "points": len(points), "left_out": [r.label for r in rows if r.label not in plotted]}

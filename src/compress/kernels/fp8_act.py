@@ -27,7 +27,7 @@ from torch import Tensor
 from compress.core.errors import CompressError
 from compress.core.qargs import QuantArgs
 from compress.core.scheme import QuantScheme
-from compress.core.unpacked import FP8_MAX, fp8_round
+from compress.core.unpacked import FP8_MAX, fp8_quant_dequant
 
 
 def is_fp8_input(args: QuantArgs | None) -> bool:
@@ -56,11 +56,8 @@ def fake_quantize_fp8(x: Tensor, args: QuantArgs, input_scale: Tensor | None = N
     ``args`` is dynamic, with the stored per-tensor ``input_scale`` when static."""
     if not is_fp8_input(args):
         raise CompressError(f"input activations {args.tag} are not FP8 per-token dynamic or per-tensor static")
-    xf = x.float()
     if args.dynamic:
-        scale = per_token_scale(xf)
-    else:
-        if input_scale is None:
-            raise CompressError("static FP8 input activations need the layer's calibrated input_scale")
-        scale = input_scale.to(device=x.device, dtype=torch.float32).reshape(1)
-    return (fp8_round(xf / scale) * scale).to(x.dtype)
+        return fp8_quant_dequant(x, per_token_scale(x))
+    if input_scale is None:
+        raise CompressError("static FP8 input activations need the layer's calibrated input_scale")
+    return fp8_quant_dequant(x, input_scale.reshape(1))

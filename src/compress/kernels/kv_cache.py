@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from compress.core.errors import CompressError
-from compress.core.unpacked import FP8_MAX, fp8_round
+from compress.core.unpacked import fp8_quant_dequant, fp8_static_scale
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 """What transformers has called an attention module's cache argument, newest first."""
@@ -74,8 +74,7 @@ def scale_shape(module: nn.Module, strategy: str) -> tuple[int, ...]:
 def quantize_kv(x: Tensor, scale: Tensor) -> Tensor:
     """``x [batch, heads, seq, head_dim]`` through e4m3 with ``scale`` (``[1]`` or ``[heads, 1, 1]``), back in
     ``x.dtype``."""
-    s = scale.to(device=x.device, dtype=torch.float32)
-    return (fp8_round(x.float() / s) * s).to(x.dtype)
+    return fp8_quant_dequant(x, scale)
 
 
 class QuantizingCache:
@@ -179,8 +178,7 @@ class KVAbsMax:
         self._handle.remove()
 
     def scales(self, module: nn.Module, strategy: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``absmax / 448`` per head or per tensor, in ``dtype`` (a zero becomes the dtype's eps, as
-        compressed-tensors' ``calculate_qparams`` does)."""
+        """``absmax / 448`` per head or per tensor, in ``dtype`` (``core.unpacked.fp8_static_scale``)."""
         if self.keys is None or self.values is None:
             raise CompressError("no calibration forward reached this attention's KV cache, so its scales are unknown")
         shape = scale_shape(module, strategy)
@@ -190,8 +188,7 @@ class KVAbsMax:
                 absmax = absmax.amax().reshape(1)
             elif absmax.numel() != shape[0]:
                 raise CompressError(f"saw {absmax.numel()} key/value heads where the config says {shape[0]}")
-            scale = (absmax / FP8_MAX).reshape(shape).to(dtype)
-            out.append(torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).eps), scale))
+            out.append(fp8_static_scale(absmax.reshape(shape), dtype))
         return out[0], out[1]
 
 

@@ -29,7 +29,6 @@ class KVCacheStep(Step):
     def __init__(self, kv_pass: KVCachePass) -> None:
         self.kv_pass = kv_pass
         self.method = kv_pass.config.method
-        self.layers = 0
 
     def start(self, model: nn.Module) -> None:
         if not attention_modules(model):
@@ -52,7 +51,6 @@ class KVCacheStep(Step):
         for name, module in attentions.items():
             k_scale, v_scale = observers[name].scales(module, self.kv_pass.strategy, dtype)
             install_kv_quantizer(module, self.kv_pass.strategy, k_scale, v_scale)
-        self.layers += len(attentions)
 
     def after_block(self, index: int, block: nn.Module) -> dict[str, Any] | None:
         scales = {}
@@ -73,7 +71,3 @@ class KVCacheStep(Step):
             shape = (1,) if self.kv_pass.strategy == "tensor" else (len(entry["k"]), 1, 1)
             install_kv_quantizer(module, self.kv_pass.strategy, torch.tensor(entry["k"], dtype=dtype).reshape(shape),
                                  torch.tensor(entry["v"], dtype=dtype).reshape(shape))
-            self.layers += 1
-
-    def finish(self, model: nn.Module) -> dict[str, Any] | None:
-        return None
